@@ -1,0 +1,245 @@
+"""Prompt pairs: from a CSV, a DataFrame or lists to validated, tokenized, right-padded batches.
+
+A pair is a clean prompt, a corrupted prompt of the same token length, and its answers: ``correct``
+and ``incorrect`` token strings. A cell that starts with ``[`` is a JSON list of token strings (a set
+of answers, e.g. every year above the start year for greater-than). The read-out position is each
+example's last real token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+COLUMNS = ("clean", "corrupted", "correct", "incorrect")
+MAX_ROWS = 50_000
+
+
+class DataError(ValueError):
+    """Bad prompt-pair input; the message names the row, the value and the fix."""
+
+
+def _parse_answers(cell: Any, row: int, column: str) -> tuple[str, ...]:
+    if not isinstance(cell, str) or cell.strip() == "":
+        raise DataError(f"row {row}: column {column!r} is empty; give the answer token, e.g. 'Mary'")
+    if cell.lstrip().startswith("["):
+        try:
+            items = json.loads(cell)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"row {row}: column {column!r} starts with '[' but is not a JSON list ({e.msg}): {cell!r}; "
+                'write a list of token strings such as ["46", "47"]'
+            ) from None
+        if not items or not all(isinstance(x, str) and x != "" for x in items):
+            raise DataError(f"row {row}: column {column!r} must be a non-empty list of token strings, got {cell!r}")
+        return tuple(items)
+    return (cell,)
+
+
+@dataclass(frozen=True)
+class PromptPairs:
+    """Validated (but not yet tokenized) prompt pairs."""
+
+    clean: tuple[str, ...]
+    corrupted: tuple[str, ...]
+    correct: tuple[tuple[str, ...], ...]
+    incorrect: tuple[tuple[str, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    @classmethod
+    def from_lists(
+        cls,
+        clean: Sequence[str],
+        corrupted: Sequence[str],
+        correct: Sequence[str | Sequence[str]],
+        incorrect: Sequence[str | Sequence[str]],
+    ) -> "PromptPairs":
+        n = len(clean)
+        if not (len(corrupted) == len(correct) == len(incorrect) == n):
+            raise DataError(
+                f"clean, corrupted, correct and incorrect must have the same length, got "
+                f"{n}, {len(corrupted)}, {len(correct)}, {len(incorrect)}"
+            )
+        if n == 0:
+            raise DataError("no prompt pairs given; provide at least one row with clean, corrupted, correct, incorrect")
+        if n > MAX_ROWS:
+            raise DataError(f"{n} prompt pairs is more than the limit of {MAX_ROWS}; use a sample of the data")
+
+        def answers(cell: Any, row: int, column: str) -> tuple[str, ...]:
+            if isinstance(cell, (list, tuple)):
+                return _parse_answers(json.dumps(list(cell)), row, column)
+            return _parse_answers(cell, row, column)
+
+        for row, (c, k) in enumerate(zip(clean, corrupted), start=1):
+            for column, text in (("clean", c), ("corrupted", k)):
+                if not isinstance(text, str) or text.strip() == "":
+                    raise DataError(f"row {row}: the {column} prompt is empty; write the prompt text")
+        return cls(
+            clean=tuple(clean),
+            corrupted=tuple(corrupted),
+            correct=tuple(answers(a, r, "correct") for r, a in enumerate(correct, start=1)),
+            incorrect=tuple(answers(a, r, "incorrect") for r, a in enumerate(incorrect, start=1)),
+        )
+
+    @classmethod
+    def from_frame(cls, frame: Any) -> "PromptPairs":
+        columns = [str(c).strip() for c in frame.columns]
+        missing = [c for c in COLUMNS if c not in columns]
+        if missing:
+            raise DataError(
+                f"missing column(s) {', '.join(missing)}; found {columns}. The table needs the columns "
+                f"{', '.join(COLUMNS)}"
+            )
+        frame = frame.rename(columns=lambda c: str(c).strip())
+        cells = {c: [None if _is_missing(v) else v for v in frame[c].tolist()] for c in COLUMNS}
+        return cls.from_lists(*(cells[c] for c in COLUMNS))
+
+    @classmethod
+    def from_csv(cls, source: str | Path | bytes | io.IOBase) -> "PromptPairs":
+        """Read a CSV file, path or bytes (UTF-8; quoted cells may hold commas and newlines)."""
+        import pandas as pd
+
+        if isinstance(source, bytes):
+            try:
+                source = io.StringIO(source.decode("utf-8-sig"))
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"the CSV is not UTF-8 text (byte {e.start}: {source[e.start:e.start + 1]!r}); "
+                    "save it as UTF-8 and upload again"
+                ) from None
+        try:
+            frame = pd.read_csv(source, dtype=str, keep_default_na=False, nrows=MAX_ROWS + 1)
+        except pd.errors.EmptyDataError:
+            raise DataError("the CSV is empty; it needs a header row clean,corrupted,correct,incorrect and data rows") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"the CSV is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        except pd.errors.ParserError as e:
+            raise DataError(f"the CSV could not be parsed: {e}; check quoting and the number of columns") from None
+        return cls.from_frame(frame)
+
+    def fingerprint(self) -> str:
+        """A short content hash, used for caching and provenance."""
+        blob = json.dumps([self.clean, self.corrupted, self.correct, self.incorrect]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """One right-padded batch. ``clean``/``corrupted``: ``[batch pos]`` token ids; ``lengths``: ``[batch]``;
+    ``correct``/``incorrect``: ``[batch k]`` answer ids with boolean masks of the same shape."""
+
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    lengths: torch.Tensor
+    correct: torch.Tensor
+    correct_mask: torch.Tensor
+    incorrect: torch.Tensor
+    incorrect_mask: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.clean.shape[1]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+@dataclass(frozen=True, eq=False)
+class TokenizedPairs:
+    """All pairs tokenized once; :meth:`batches` slices and trims them."""
+
+    data: Batch
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return self.data.size
+
+    def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[Batch]:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        d = self.data
+        for start in range(0, d.size, batch_size):
+            sl = slice(start, start + batch_size)
+            n_pos = int(d.lengths[sl].max())
+            yield Batch(
+                d.clean[sl, :n_pos], d.corrupted[sl, :n_pos], d.lengths[sl],
+                d.correct[sl], d.correct_mask[sl], d.incorrect[sl], d.incorrect_mask[sl],
+            ).to(device)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _answer_ids(tokenizer: Any, answers: tuple[str, ...], row: int, column: str) -> list[int]:
+    ids = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for answer in answers:
+        tokens = _encode(tokenizer, answer)
+        if len(tokens) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(tokens)
+            raise DataError(
+                f"row {row}: {column} answer {answer!r} is {len(tokens)} tokens {pieces}, not one; use a "
+                "single-token answer (GPT-2-style tokenizers usually need the leading space, e.g. ' Mary')"
+            )
+        if unk is not None and tokens[0] == unk:
+            raise DataError(f"row {row}: {column} answer {answer!r} is not in the tokenizer's vocabulary; pick a known word")
+        ids.append(tokens[0])
+    return ids
+
+
+def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
+def tokenize(pairs: PromptPairs, tokenizer: Any, n_ctx: int | None = None) -> TokenizedPairs:
+    """Tokenize every pair once (BOS prepended when the tokenizer has one) and validate lengths."""
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    clean, corrupted, correct, incorrect = [], [], [], []
+    for row in range(1, len(pairs) + 1):
+        c = bos + _encode(tokenizer, pairs.clean[row - 1])
+        k = bos + _encode(tokenizer, pairs.corrupted[row - 1])
+        if len(c) != len(k):
+            raise DataError(
+                f"row {row}: the clean prompt is {len(c)} tokens but the corrupted prompt is {len(k)} "
+                f"(clean {pairs.clean[row - 1]!r}, corrupted {pairs.corrupted[row - 1]!r}); edit the corrupted "
+                "prompt so both have the same number of tokens"
+            )
+        if n_ctx is not None and len(c) > n_ctx:
+            raise DataError(
+                f"row {row}: the prompt is {len(c)} tokens, longer than the model's context of {n_ctx}; shorten it"
+            )
+        clean.append(c)
+        corrupted.append(k)
+        correct.append(_answer_ids(tokenizer, pairs.correct[row - 1], row, "correct"))
+        incorrect.append(_answer_ids(tokenizer, pairs.incorrect[row - 1], row, "incorrect"))
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    clean_ids, _ = _pad(clean, pad)
+    corrupted_ids, _ = _pad(corrupted, pad)
+    correct_ids, correct_mask = _pad(correct, 0)
+    incorrect_ids, incorrect_mask = _pad(incorrect, 0)
+    lengths = torch.tensor([len(c) for c in clean], dtype=torch.long)
+    batch = Batch(clean_ids, corrupted_ids, lengths, correct_ids, correct_mask, incorrect_ids, incorrect_mask)
+    return TokenizedPairs(batch, pairs.fingerprint())

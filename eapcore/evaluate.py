@@ -1,0 +1,180 @@
+"""Circuit evaluation in one forward pass per batch, faithfulness, and the MIB faithfulness curve.
+
+During the clean run every destination input gets Σ_{u not in circuit} (a_u^corrupted − a_u^actual),
+where a_u^actual is u's output in this same intervened run: each destination then sees its in-circuit
+parents' actual outputs and its out-of-circuit parents' corrupted ones (design §5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from eapcore.circuit import Circuit, Scores
+from eapcore.data import Batch, TokenizedPairs
+from eapcore.metrics import Metric, MetricFn, get_metric, readout
+from eapcore.models import model_device, model_graph, model_lock
+from eapcore.sites import destinations, from_per_column, per_column, source_major, sources
+
+MIB_PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+
+
+@dataclass(frozen=True, eq=False)
+class _Prepared:
+    batch: Batch
+    corrupted: torch.Tensor  # [n_forward batch pos d_model]
+    clean_readout: torch.Tensor  # [batch d_vocab]
+    corrupted_readout: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Mean metric of the clean and the corrupted run."""
+
+    clean: float
+    corrupted: float
+
+
+class CircuitEvaluator:
+    """Evaluates circuits of ``model`` on ``data``; the corrupted source outputs are computed once."""
+
+    def __init__(
+        self, model: Any, data: TokenizedPairs, metric: str | Metric | MetricFn = "logit_diff", batch_size: int = 64
+    ) -> None:
+        self.model, self.data, self.metric = model, data, get_metric(metric)
+        self.graph = model_graph(model)
+        self.batch_size = batch_size
+        self._prepared_batches: list[_Prepared] | None = None
+        self._empty: float | None = None
+
+    # ----- cached runs -----
+    def _prepared(self) -> list[_Prepared]:
+        if self._prepared_batches is None:
+            with model_lock(self.model), torch.inference_mode():
+                self._prepared_batches = [self._prepare(b) for b in self.data.batches(self.batch_size, model_device(self.model))]
+        return self._prepared_batches
+
+    def _prepare(self, batch: Batch) -> _Prepared:
+        acts = torch.empty(self.graph.n_forward, *batch.clean.shape, self.model.cfg.d_model, dtype=next(self.model.parameters()).dtype, device=batch.clean.device)
+
+        def record(rows: slice) -> Callable:
+            def hook(t: torch.Tensor, hook: Any) -> None:
+                acts[rows] = source_major(t)
+            return hook
+
+        corrupted_logits = self.model.run_with_hooks(batch.corrupted, fwd_hooks=[(s.hook, record(s.rows)) for s in sources(self.graph)])
+        clean_logits = self.model(batch.clean)
+        return _Prepared(batch, acts, readout(clean_logits, batch.lengths), readout(corrupted_logits, batch.lengths))
+
+    def _metric(self, logits: torch.Tensor, p: _Prepared) -> torch.Tensor:
+        return self.metric(logits, p.batch, p.clean_readout).float().cpu()
+
+    # ----- public -----
+    def baseline(self) -> Baseline:
+        prepared = self._prepared()
+        clean = torch.cat([self._metric(p.clean_readout, p) for p in prepared])
+        corrupted = torch.cat([self._metric(p.corrupted_readout, p) for p in prepared])
+        return Baseline(clean.mean().item(), corrupted.mean().item())
+
+    def evaluate(self, circuit: Circuit) -> torch.Tensor:
+        """Per-example metric ``[n_examples]`` of ``circuit``: out-of-circuit edges carry corrupted outputs."""
+        if circuit.graph.cfg != self.graph.cfg:
+            raise ValueError(f"circuit graph {circuit.graph.cfg} does not match the model's graph {self.graph.cfg}")
+        prepared = self._prepared()
+        device = prepared[0].corrupted.device
+        patch_mask = (self.graph.real_edge_mask & ~circuit.edges.cpu()).to(device=device, dtype=prepared[0].corrupted.dtype)
+        values = []
+        with model_lock(self.model), torch.inference_mode():
+            for p in prepared:
+                logits = self.model.run_with_hooks(p.batch.clean, fwd_hooks=self._hooks(p.corrupted, patch_mask))
+                values.append(self._metric(readout(logits, p.batch.lengths), p))
+        return torch.cat(values)
+
+    def _hooks(self, corrupted: torch.Tensor, patch_mask: torch.Tensor) -> list:
+        """Forward hooks that patch every out-of-circuit edge; none where nothing is patched."""
+        diff = corrupted.clone()  # becomes a_corrupted - a_actual as sources fire
+        hooks = []
+        used_rows = patch_mask.any(1).nonzero().flatten().tolist()
+        n_used = max(used_rows) + 1 if used_rows else 0
+
+        def subtract(rows: slice) -> Callable:
+            def hook(t: torch.Tensor, hook: Any) -> None:
+                diff[rows] -= source_major(t)
+            return hook
+
+        for s in sources(self.graph):
+            if s.rows.start < n_used:
+                hooks.append((s.hook, subtract(s.rows)))
+        for d in destinations(self.graph):
+            block = patch_mask[: d.prev, d.cols]
+            if not bool(block.any()):
+                continue
+
+            def patch(t: torch.Tensor, hook: Any, prev: int = d.prev, block: torch.Tensor = block) -> torch.Tensor:
+                flat = block.T @ diff[:prev].reshape(prev, -1)  # [cols, batch*pos*d_model]
+                add = flat.reshape(block.shape[1], *diff.shape[1:]).permute(1, 2, 0, 3)
+                return t + from_per_column(add, t)
+
+            hooks.append((d.hook, patch))
+        return hooks
+
+    def empty_metric(self) -> float:
+        """Mean metric of the empty circuit, m(∅)."""
+        if self._empty is None:
+            self._empty = self.evaluate(Circuit.empty(self.graph)).mean().item()
+        return self._empty
+
+    def faithfulness(self, circuit: Circuit) -> float:
+        """(m(C) − m(∅)) / (m(full) − m(∅)); 1 means the circuit alone recovers the model's behaviour."""
+        m_c = self.evaluate(circuit).mean().item()
+        return normalized(m_c, self.baseline().clean, self.empty_metric())
+
+
+def normalized(value: float, full: float, empty: float) -> float:
+    if full == empty:
+        raise ValueError(
+            f"the clean and empty-circuit metrics are equal ({full}); faithfulness is undefined: the corruption "
+            "does not change the model's behaviour on this data"
+        )
+    return (value - empty) / (full - empty)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Faithfulness at circuit sizes given as percentages of the graph's edges; CPR/CMD as in MIB."""
+
+    percents: tuple[float, ...]
+    n_edges: tuple[int, ...]
+    faithfulness: tuple[float, ...]
+
+    @property
+    def cpr(self) -> float:
+        """Area under f over the edge fraction (trapezoid rule); higher is better."""
+        return _area(self.percents, self.faithfulness)
+
+    @property
+    def cmd(self) -> float:
+        """Area under |1 − f| over the edge fraction; lower is better."""
+        return _area(self.percents, [abs(1 - f) for f in self.faithfulness])
+
+
+def _area(percents: Sequence[float], values: Sequence[float]) -> float:
+    x = torch.tensor(percents, dtype=torch.float64) / 100
+    return float(torch.trapezoid(torch.tensor(values, dtype=torch.float64), x))
+
+
+def edges_for_percent(graph: Any, percent: float) -> int:
+    return max(1, round(graph.n_edges * percent / 100)) if percent > 0 else 0
+
+
+def faithfulness_curve(
+    evaluator: CircuitEvaluator, scores: Scores, percents: Sequence[float] = MIB_PERCENTS, absolute: bool = True
+) -> Curve:
+    """Faithfulness of the top-k% circuits (pruned) for each k in ``percents``."""
+    from eapcore.select import top_n
+
+    sizes = [edges_for_percent(scores.graph, p) for p in percents]
+    values = [evaluator.faithfulness(top_n(scores, n, absolute=absolute)) for n in sizes]
+    return Curve(tuple(percents), tuple(sizes), tuple(values))

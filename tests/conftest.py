@@ -1,0 +1,70 @@
+"""Tiny random GPT-2-style models and prompt pairs, built locally (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]
+
+
+def save_tiny_gpt2(path: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 8, seed: int = 0) -> Path:
+    """A random ``GPT2LMHeadModel`` and a word-level tokenizer, written with ``save_pretrained``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", "<pad>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<pad>"
+    )
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=len(vocab), n_positions=16,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # larger weights than the default init, so that scores are not all tiny
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny64(tiny_dir: Path):
+    from eapcore.models import load_model
+
+    return load_model(str(tiny_dir), device="cpu", dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def tiny32(tiny_dir: Path):
+    from eapcore.models import load_model
+
+    return load_model(str(tiny_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def pairs():
+    """Eight pairs of mixed lengths (so batches are padded)."""
+    from eapcore.data import PromptPairs
+
+    clean = ["a b c d", "b c d e f", "c d e", "d e f g h i", "e f g h", "a c e g", "b d f h j", "c a b"]
+    corrupted = ["e b c d", "a c d e f", "f d e", "a e f g h i", "b f g h", "i c e g", "k d f h j", "l a b"]
+    correct = ["e", "g", "f", "j", "i", "i", "l", "c"]
+    incorrect = ["a", "b", "c", ["d", "e"], "f", "g", "h", "i"]
+    return PromptPairs.from_lists(clean, corrupted, correct, incorrect)
