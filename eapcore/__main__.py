@@ -1,0 +1,3 @@
+from eapcore.cli import main
+
+raise SystemExit(main())
