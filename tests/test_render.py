@@ -1,0 +1,143 @@
+"""eapcore.render: offline pyvis page, static PNGs, plotly figures, layout, grids and token diffs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from eapcore import render
+from eapcore.circuit import Circuit, Scores
+from eapcore.evaluate import Curve
+from eapcore.graph import Graph, GraphConfig
+from eapcore.select import top_n
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def graph() -> Graph:
+    return Graph(GraphConfig(n_layers=2, n_heads=3, d_model=8))
+
+
+@pytest.fixture(scope="module")
+def scores(graph: Graph) -> Scores:
+    gen = torch.Generator().manual_seed(0)
+    edges = torch.randn(graph.n_forward, graph.n_backward, generator=gen) * graph.real_edge_mask
+    return Scores(graph, edges)
+
+
+@pytest.fixture(scope="module")
+def circuit(scores: Scores) -> Circuit:
+    return top_n(scores, 25)
+
+
+def test_layout_puts_input_at_the_bottom_and_logits_at_the_top(graph: Graph) -> None:
+    pos = render.node_positions(graph)
+    assert set(pos) == set(graph.node_names)
+    level = {n: p[1] for n, p in pos.items()}
+    assert level["input"] == min(level.values()) and level["logits"] == max(level.values())
+    for row in range(graph.n_forward):  # every real edge points upwards
+        for col in range(graph.n_backward):
+            if graph.real_edge_mask[row, col]:
+                assert level[graph.src_nodes[row]] < level[graph.dst_node_of_column[col]]
+    assert len({pos[n] for n in graph.node_names}) == graph.n_nodes  # no two nodes on one spot
+
+
+def test_parallel_layout_keeps_heads_and_mlp_of_a_layer_on_one_row() -> None:
+    g = Graph(GraphConfig(n_layers=2, n_heads=2, parallel_attn_mlp=True))
+    pos = render.node_positions(g)
+    assert pos["a1.h0"][1] == pos["m1"][1] and pos["m1"][0] > pos["a1.h1"][0]
+    assert len({pos[n] for n in g.node_names}) == g.n_nodes
+
+
+def test_edge_kinds_and_circuit_edges(scores: Scores, circuit: Circuit) -> None:
+    assert [render.edge_kind(n) for n in ("a1.h0<q>", "a1.h0<k>", "a0.h2<v>", "m1", "logits")] == ["q", "k", "v", "other", "other"]
+    edges = render.circuit_edges(scores, circuit)
+    assert len(edges) == circuit.n_edges
+    mags = [abs(e.score) for e in edges]
+    assert mags == sorted(mags, reverse=True)
+    for e in edges:
+        row, col = scores.graph.parse_edge_name(e.name)
+        assert circuit.edges[row, col] and e.score == pytest.approx(float(scores.edges[row, col]))
+    assert len(render.circuit_edges(scores, circuit, max_edges=5)) == min(5, circuit.n_edges)
+
+
+def test_pyvis_html_is_offline_and_has_the_circuit(scores: Scores, circuit: Circuit) -> None:
+    page = render.pyvis_html(scores, circuit)
+    remote = re.findall(r"""(?:src|href)\s*=\s*["']\s*(?:https?:)?//[^"']*""", page, flags=re.I)
+    assert remote == [], remote
+    assert "bootstrap" not in page.lower()
+    assert "new vis.Network" in page and "vis-network" in page.lower()  # library inlined
+    for e in render.circuit_edges(scores, circuit):
+        assert f'"{e.src}"' in page and f"score {e.score:+.4g}" in page  # nodes and hover titles
+    assert f'"color": "{render.NODE_COLOURS["logits"]}"' in page
+    assert '"dashes": true' in page and '"dashes": false' in page  # both signs present
+
+
+def test_pyvis_html_of_an_empty_circuit_still_renders(scores: Scores, graph: Graph) -> None:
+    page = render.pyvis_html(scores, Circuit.empty(graph))
+    assert '"input"' in page and '"logits"' in page
+
+
+def test_strip_remote_resources() -> None:
+    page = ('<head><link href="https://cdn.x/b.css" rel="stylesheet" />\n<script src="https://cdn.x/b.js" '
+            'integrity="x"></script><script>var a = "https://keep.me";</script><!-- <script src="../x.js"> --></head>')
+    out = render.strip_remote_resources(page)
+    assert "cdn.x" not in out and "../x.js" not in out and 'var a = "https://keep.me"' in out
+
+
+def test_circuit_png_renders_without_a_browser(scores: Scores, circuit: Circuit) -> None:
+    png = render.circuit_png(scores, circuit)
+    assert png.startswith(PNG_MAGIC) and len(png) > 5_000
+    assert render.circuit_png(scores, Circuit.empty(scores.graph)).startswith(PNG_MAGIC)
+
+
+def test_curve_png_and_figure() -> None:
+    curve = Curve((0.1, 1.0, 10.0, 100.0), (1, 2, 20, 200), (0.1, 0.4, 0.9, 1.0))
+    fine = Curve((0.1, 0.5, 5.0, 50.0, 100.0), (1, 1, 10, 100, 200), (0.1, 0.3, 0.8, 0.95, 1.0))
+    assert render.curve_png(curve, fine, (3.0, 0.7)).startswith(PNG_MAGIC)
+    fig = render.curve_figure(curve, fine, (3.0, 0.7))
+    names = [t.name for t in fig.data]
+    assert names == ["finer grid", "MIB sizes", "current circuit"]
+    assert fig.layout.xaxis.type == "log" and f"CPR {curve.cpr:.3f}" in fig.layout.title.text
+    assert list(fig.data[2].x) == [3.0] and list(fig.data[2].y) == [0.7]
+
+
+def test_heatmap_is_sources_by_destinations(scores: Scores, graph: Graph) -> None:
+    fig = render.heatmap_figure(scores)
+    z = torch.tensor(fig.data[0].z, dtype=torch.float64)
+    assert z.shape == (graph.n_forward, graph.n_backward)
+    assert list(fig.data[0].y) == graph.src_nodes and list(fig.data[0].x) == graph.dst_nodes
+    assert z[~graph.real_edge_mask].isnan().all()
+    assert torch.allclose(z[graph.real_edge_mask], scores.edges[graph.real_edge_mask].double())
+
+
+@pytest.mark.parametrize("n_max", [0, 5, 300, 301, 32_491, 231_877])
+def test_log_grid(n_max: int) -> None:
+    grid = render.log_grid(n_max)
+    assert grid[0] == 0 and grid[-1] == n_max and grid == sorted(set(grid))
+    if n_max <= 300:
+        assert grid == list(range(n_max + 1))
+    else:
+        assert 1 in grid and len(grid) <= 125
+        steps = list(zip(grid[1:], grid[2:]))
+        assert all(b == a + 1 or b / a < 1.2 for a, b in steps)  # log-spaced: small relative steps
+
+
+def test_fine_percents() -> None:
+    p = render.fine_percents(25)
+    assert len(p) == 25 and p[0] == pytest.approx(0.1) and p[-1] == pytest.approx(100.0)
+    assert all(b > a for a, b in zip(p, p[1:]))
+
+
+def test_token_diff_marks_differing_tokens(tiny32) -> None:
+    rows = render.token_diff(tiny32.tokenizer, "a b c d", "e b c x")
+    assert [d for _, _, d in rows] == [True, False, False, True]
+    assert rows[0][:2] == ("a", "e")
+    html = render.token_diff_html(rows)
+    assert html.count("#fde68a") == 2 and html.count("#fecaca") == 2
+    mismatch = render.token_diff(tiny32.tokenizer, "a b c", "a b")
+    assert mismatch[-1] == ("c", "", True)
+    assert "<script>" not in render.token_diff_html([("<script>", "x", True)])
