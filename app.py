@@ -1,0 +1,28 @@
+"""EAP-IG circuit explorer: `streamlit run app.py` (opens on the demo model with the IOI task)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from ui import state, widgets  # noqa: E402
+
+st.set_page_config(page_title="EAP-IG circuit explorer", layout="wide")
+state.init_defaults()
+
+PAGES = [
+    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("pages/data.py", title="Data", icon=":material/table:"),
+    st.Page("pages/attribute.py", title="Attribute", icon=":material/calculate:"),
+    st.Page("pages/explore.py", title="Explore", icon=":material/hub:"),
+    st.Page("pages/export.py", title="Export", icon=":material/download:"),
+]
+page = st.navigation(PAGES)
+widgets.sidebar_status()
+page.run()

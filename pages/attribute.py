@@ -1,0 +1,77 @@
+"""Attribute page: method, IG steps, metric, batch size -> scores for every edge (cached by spec)."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from eapcore import render
+from eapcore.attribute import INTERVENTIONS, METHODS, AttributionSpec
+from eapcore.metrics import METRICS
+from ui import cache, state, widgets
+
+s = st.session_state
+st.title("Attribute")
+st.caption(
+    "Scores every edge by how much corrupting it changes the metric (positive: corrupting it hurts the "
+    "task). EAP-IG-inputs takes the gradient at several points between the corrupted and the clean "
+    "input embeddings; EAP at the clean input only."
+)
+if not widgets.need("pairs"):
+    st.stop()
+
+spec0: AttributionSpec = s.attr_spec
+for key, value in (("w_method", spec0.method), ("w_steps", spec0.ig_steps), ("w_batch", spec0.batch_size),
+                   ("w_intervention", spec0.intervention), ("w_attr_metric", s.metric)):
+    s.setdefault(key, value)
+c1, c2, c3, c4, c5 = st.columns([2, 1, 1.3, 1, 1.3])
+method = c1.selectbox("Method", METHODS, key="w_method")
+steps = c2.number_input("IG steps", 1, 200, key="w_steps", disabled=method != "EAP-IG-inputs",
+                        help="Gradient points between corrupted and clean embeddings (EAP-IG-inputs only)")
+metric = c3.selectbox("Metric", list(METRICS), key="w_attr_metric")
+batch = c4.number_input("Batch size", 1, 4096, key="w_batch")
+intervention = c5.selectbox("Intervention", INTERVENTIONS, key="w_intervention",
+                            help="What an out-of-circuit edge carries: the corrupted run's output")
+s.metric = metric
+
+spec = None
+with state.guard("Invalid settings"):
+    spec = AttributionSpec(method, int(steps), metric, intervention, int(batch))
+    s.attr_spec = spec
+
+if spec is not None:
+    cached = cache.cached_attribution(s.model_spec, s.pairs, spec) is not None
+    n_pairs = len(s.pairs)
+    passes = -(-n_pairs // spec.batch_size) * (2 + len(spec.alphas()))
+    st.caption(f"{n_pairs} pairs ({s.data_label}) · {passes} passes over batches of {spec.batch_size}"
+               + (" · **cached: this run is instant**" if cached else ""))
+    b1, b2 = st.columns([1, 3])
+    run = b1.button("Run attribution", type="primary", icon=":material/play_arrow:", key="run_attribution")
+    s.setdefault("w_open_explore", True)
+    open_explore = b2.checkbox("Open Explore when done", key="w_open_explore")
+    if run:
+        with state.guard("Attribution failed"):
+            bar = st.progress(0.0, text="Loading the model and data ...")
+            cache.get_data(s.model_spec, s.pairs)
+            start = time.perf_counter()
+
+            def progress(done: int, total: int) -> None:
+                elapsed = time.perf_counter() - start
+                eta = elapsed / done * (total - done) if done else 0.0
+                bar.progress(done / total, text=f"{done}/{total} passes · {elapsed:.1f} s elapsed · about {eta:.1f} s left")
+
+            scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress)
+            bar.progress(1.0, text="cached result" if timing.cached else f"done in {timing.seconds:.1f} s")
+            label = f"{spec.method}" + (f" ({spec.ig_steps} steps)" if spec.method == "EAP-IG-inputs" else "")
+            state.set_scores(scores, key, f"{label}, {spec.metric}, {s.data_label}")
+            s.last_attribution_seconds = timing.seconds
+            if open_explore:
+                st.switch_page("pages/explore.py")
+
+if s.get("scores") is not None:
+    st.subheader("Scores (sources × destinations)")
+    st.caption(f"{s.scores_label} · {s.scores.graph.n_edges:,} edges · blank cells are not edges")
+    with state.guard("Heatmap"):
+        st.plotly_chart(render.heatmap_figure(s.scores), width="stretch")
+    st.page_link("pages/explore.py", label="Explore the circuit", icon=":material/arrow_forward:")

@@ -1,0 +1,98 @@
+"""Data page: a shipped task, an uploaded CSV, or typed pairs; token preview; baseline metrics."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+import streamlit as st
+
+from eapcore import render
+from eapcore.data import COLUMNS, PromptPairs
+from eapcore.metrics import METRICS
+from eapcore.tasks import TASKS
+from ui import cache, state, widgets
+
+s = st.session_state
+st.title("Data")
+st.caption(
+    "Prompt pairs: a `clean` prompt, a `corrupted` prompt with the same number of tokens, and the `correct` "
+    'and `incorrect` answer tokens (a cell starting with `[` is a JSON list of tokens, e.g. `["46", "47"]`).'
+)
+
+SOURCES = ["Shipped task", "Upload CSV", "Type pairs"]
+s.setdefault("data_source", SOURCES[0])
+state.widget_value("w_data_source", "data_source")
+source = st.radio("Source", SOURCES, horizontal=True, key="w_data_source")
+s.data_source = source
+
+
+def use(pairs: PromptPairs, label: str, metric: str | None = None) -> None:
+    cache.get_data(s.model_spec, pairs)  # validate against the tokenizer before switching
+    state.set_data(pairs, label, metric)
+    st.toast(f"Using {label} ({len(pairs)} pairs)", icon=":material/check:")
+
+
+if source == "Shipped task":
+    names = list(TASKS)
+    c1, c2 = st.columns([1, 3])
+    task = c1.selectbox("Task", names, format_func=lambda n: n.replace("_", "-"), key="w_task")
+    c2.caption(TASKS[task].description + f" Metric: `{TASKS[task].metric}`.")
+    if c1.button("Use this task", type="primary", key="use_task"):
+        with state.guard(f"Task {task}"):
+            use(PromptPairs.from_csv(TASKS[task].csv), f"task: {task}", TASKS[task].metric)
+elif source == "Upload CSV":
+    upload = st.file_uploader("CSV with columns clean, corrupted, correct, incorrect", type=["csv"], key="w_csv")
+    if upload is not None and s.get("applied_upload") != upload.file_id:
+        s.applied_upload, s.upload_error = upload.file_id, None
+        try:
+            use(PromptPairs.from_csv(upload.getvalue()), f"file: {upload.name}")
+        except Exception as e:  # noqa: BLE001 - shown below while this file stays selected
+            s.upload_error = f"{upload.name} was not loaded: {e}"
+    if upload is not None and s.get("upload_error"):
+        st.error(s.upload_error, icon=":material/error:")
+else:
+    current = s.get("pairs")
+    if current is not None:
+        seed = pd.DataFrame({"clean": current.clean[:5], "corrupted": current.corrupted[:5],
+                             "correct": [a[0] if len(a) == 1 else str(list(a)) for a in current.correct[:5]],
+                             "incorrect": [a[0] if len(a) == 1 else str(list(a)) for a in current.incorrect[:5]]})
+    else:
+        seed = pd.DataFrame({c: [""] for c in COLUMNS})
+    table = st.data_editor(seed, num_rows="dynamic", width="stretch", key="w_typed_pairs")
+    if st.button("Use these pairs", type="primary", key="use_typed"):
+        with state.guard("The typed pairs were not used"):
+            use(PromptPairs.from_frame(table.fillna("")), "typed pairs")
+
+if s.get("default_data_error"):
+    st.error(s.default_data_error)
+if not widgets.need("pairs"):
+    st.stop()
+
+st.divider()
+metrics = list(METRICS)
+state.widget_value("w_data_metric", "metric")
+s.metric = st.selectbox("Metric", metrics, key="w_data_metric", help="logit_diff / prob_diff: higher is better; kl_div: lower is better")
+
+with state.guard("Baseline"):
+    with st.spinner("Running the clean and corrupted prompts ..."):
+        evaluator = cache.get_evaluator(s.model_spec, s.pairs, s.metric)
+        base = evaluator.baseline()
+    st.subheader(f"{s.data_label}: {len(s.pairs)} pairs")
+    widgets.metric_row({f"clean {s.metric}": f"{base.clean:.4f}", f"corrupted {s.metric}": f"{base.corrupted:.4f}",
+                        "clean - corrupted": f"{base.clean - base.corrupted:.4f}"})
+
+with state.guard("Preview"):
+    st.subheader("Token preview")
+    tokenizer = cache.get_model(s.model_spec).tokenizer
+    n = len(s.pairs)
+    first = st.number_input("First pair shown", min_value=1, max_value=n, value=1, step=5)
+    unk = getattr(tokenizer, "unk_token", None)
+    for row in range(first - 1, min(first + 4, n)):
+        diff = render.token_diff(tokenizer, s.pairs.clean[row], s.pairs.corrupted[row])
+        answers = f"correct {', '.join(s.pairs.correct[row])} · incorrect {', '.join(s.pairs.incorrect[row])}"
+        st.html(f'<div style="margin-bottom:6px"><b>pair {row + 1}</b> '
+                f'<span style="color:#6b7280;font-size:0.85em">{html.escape(answers)}</span>'
+                f'{render.token_diff_html(diff, unk)}</div>')
+    st.caption("Yellow/red: tokens that differ between the clean and corrupted prompt; red outline: unknown word.")
+st.page_link("pages/attribute.py", label="Next: attribute", icon=":material/arrow_forward:")

@@ -1,0 +1,54 @@
+"""Model page: load the demo model, a Hugging Face name or a local folder; show its size and graph."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from eapcore.models import DTYPES, ModelSpec, model_graph
+from ui import cache, state, widgets
+
+s = st.session_state
+st.title("Model")
+st.caption(
+    "`demo` is the small GPT-2 shipped in `assets/models/demo` (trained on IOI, greater-than and induction). "
+    "Any Hugging Face causal LM name (needs the network) or a local `save_pretrained` folder works too."
+)
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+spec: ModelSpec = s.model_spec
+with st.form("model_form"):
+    c1, c2, c3 = st.columns([3, 1, 1])
+    name = c1.text_input("Model", value=spec.name, help="`demo`, a hub name such as `gpt2`, or a folder path")
+    device = c2.selectbox("Device", DEVICES, index=DEVICES.index(spec.device) if spec.device in DEVICES else 0)
+    dtypes = list(DTYPES)
+    dtype = c3.selectbox("Dtype", dtypes, index=dtypes.index(spec.dtype) if spec.dtype in dtypes else 0)
+    submitted = st.form_submit_button("Load model", type="primary")
+
+if submitted:
+    new = ModelSpec(name.strip() or "demo", None if device == "auto" else device, dtype)
+    with state.guard("Could not load the model"), st.spinner(f"Loading {new.name} ..."):
+        model = cache.get_model(new)
+        old = s.model_spec
+        s.model_spec = new
+        if old != new:
+            old_graph = s.scores.graph if s.get("scores") is not None else None
+            if old_graph is not None and old_graph.cfg != model_graph(model).cfg:
+                state.clear_scores()
+        st.toast(f"Loaded {new.name}", icon=":material/check:")
+
+with state.guard("Could not load the model"):
+    with st.spinner(f"Loading {s.model_spec.name} ..."):
+        facts = cache.model_facts(s.model_spec)
+    st.subheader(f"`{s.model_spec.name}`")
+    widgets.metric_row({k: f"{facts[k]:,}" for k in ("layers", "heads", "d_model", "parameters")})
+    widgets.metric_row({"graph nodes": facts["graph nodes"], "graph edges": f"{facts['graph edges']:,}",
+                        "context": facts["context"], "device / dtype": f"{facts['device']} / {facts['dtype']}"})
+    st.caption(
+        "Graph: `input`, every attention head, every MLP and `logits` are nodes; an edge runs from each "
+        "earlier writer to each later reader (heads read through separate q, k and v inputs)."
+    )
+    if s.get("pairs") is not None:
+        with state.guard("The current data does not fit this model"):
+            data = cache.get_data(s.model_spec, s.pairs)
+            st.success(f"Data ready: {s.data_label}, {len(data)} pairs.", icon=":material/check_circle:")
+    st.page_link("pages/data.py", label="Next: data", icon=":material/arrow_forward:")

@@ -1,0 +1,177 @@
+"""Process-wide caches shared by every browser session.
+
+The model is loaded once per :class:`ModelSpec`; tokenized data and evaluators once per (model, data
+fingerprint, metric, batch size); attribution results and faithfulness curves are kept in stores keyed
+by their specs, so the same run again (or after a browser reload) is instant. Attribution and
+evaluation take the model's lock inside ``eapcore`` (hooks are global state on the shared model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import astuple, dataclass
+from typing import Any, Callable
+
+import streamlit as st
+
+from eapcore.attribute import AttributionSpec, attribute
+from eapcore.circuit import Circuit, Scores
+from eapcore.data import PromptPairs, TokenizedPairs, tokenize
+from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, Curve, faithfulness_curve, normalized
+from eapcore.models import ModelSpec, load_model, model_graph
+from eapcore.render import fine_percents
+
+EVAL_BATCH = 128
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def get_model(spec: ModelSpec) -> Any:
+    """The shared, frozen TransformerBridge for ``spec`` (loaded once per process)."""
+    return load_model(spec)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _tokenized(spec: ModelSpec, fingerprint: str, _pairs: PromptPairs) -> TokenizedPairs:
+    model = get_model(spec)
+    return tokenize(_pairs, model.tokenizer, model.cfg.n_ctx)
+
+
+def get_data(spec: ModelSpec, pairs: PromptPairs) -> TokenizedPairs:
+    """``pairs`` tokenized for the model of ``spec``; raises ``DataError`` naming the bad row."""
+    return _tokenized(spec, pairs.fingerprint(), pairs)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _evaluator(spec: ModelSpec, fingerprint: str, metric: str, batch_size: int, _pairs: PromptPairs) -> CircuitEvaluator:
+    return CircuitEvaluator(get_model(spec), get_data(spec, _pairs), metric, batch_size)
+
+
+def get_evaluator(spec: ModelSpec, pairs: PromptPairs, metric: str, batch_size: int = EVAL_BATCH) -> CircuitEvaluator:
+    return _evaluator(spec, pairs.fingerprint(), metric, batch_size, pairs)
+
+
+class Store:
+    """A small thread-safe LRU dict shared by all sessions."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __contains__(self, key: Any) -> bool:
+        with self._lock:
+            return key in self._items
+
+
+@st.cache_resource(show_spinner=False)
+def results() -> Store:
+    """Attribution results by (ModelSpec, data fingerprint, AttributionSpec)."""
+    return Store(32)
+
+
+@st.cache_resource(show_spinner=False)
+def curves() -> Store:
+    """Faithfulness curves by (scores key, data fingerprint, metric, absolute)."""
+    return Store(32)
+
+
+def attribution_key(spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpec) -> str:
+    """A stable text key for a run (also the session's ``scores_key``)."""
+    blob = repr((astuple(spec), pairs.fingerprint(), astuple(attr)))
+    return "run:" + hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Timing:
+    seconds: float
+    cached: bool
+
+
+def run_attribution(
+    spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpec, progress: Callable[[int, int], None] | None = None
+) -> tuple[Scores, str, Timing]:
+    """Scores for (model, data, spec): from the store when this run was done before, else computed."""
+    key = attribution_key(spec, pairs, attr)
+    hit = results().get(key)
+    if hit is not None:
+        return hit, key, Timing(0.0, True)
+    start = time.perf_counter()
+    model = get_model(spec)
+    scores = attribute(model, get_data(spec, pairs), attr, progress=progress).cpu()
+    scores = Scores(scores.graph, scores.edges, scores.nodes, scores.neurons, {**scores.provenance, "model": spec.name})
+    results().put(key, scores)
+    return scores, key, Timing(time.perf_counter() - start, False)
+
+
+def cached_attribution(spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpec) -> Scores | None:
+    return results().get(attribution_key(spec, pairs, attr))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One circuit's numbers, as the Explore page shows them."""
+
+    requested: int
+    circuit: Circuit
+    metric: float
+    faithfulness: float
+
+
+def evaluate_top_n(evaluator: CircuitEvaluator, scores: Scores, n: int, absolute: bool = True) -> Evaluation:
+    """The top-``n`` circuit (pruned), its mean metric and faithfulness (one evaluation pass)."""
+    from eapcore.select import top_n
+
+    circuit = top_n(scores, n, absolute=absolute)
+    return evaluate_circuit(evaluator, circuit, n)
+
+
+def evaluate_circuit(evaluator: CircuitEvaluator, circuit: Circuit, requested: int | None = None) -> Evaluation:
+    value = evaluator.evaluate(circuit).mean().item()
+    faith = normalized(value, evaluator.baseline().clean, evaluator.empty_metric())
+    return Evaluation(circuit.n_edges if requested is None else requested, circuit, value, faith)
+
+
+def get_curves(
+    evaluator: CircuitEvaluator, scores: Scores, scores_key: str, absolute: bool = True
+) -> tuple[Curve, Curve]:
+    """(MIB curve, finer-grid curve) for these scores on the evaluator's data, computed once."""
+    key = (scores_key, evaluator.data.fingerprint, evaluator.metric.name, evaluator.batch_size, absolute)
+    hit = curves().get(key)
+    if hit is None:
+        mib = faithfulness_curve(evaluator, scores, MIB_PERCENTS, absolute=absolute)
+        fine = faithfulness_curve(evaluator, scores, fine_percents(), absolute=absolute)
+        hit = (mib, fine)
+        curves().put(key, hit)
+    return hit
+
+
+def model_facts(spec: ModelSpec) -> dict[str, Any]:
+    model = get_model(spec)
+    graph = model_graph(model)
+    return {
+        "layers": model.cfg.n_layers,
+        "heads": model.cfg.n_heads,
+        "d_model": model.cfg.d_model,
+        "context": model.cfg.n_ctx,
+        "vocabulary": model.cfg.d_vocab,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "graph nodes": graph.n_nodes,
+        "graph edges": graph.n_edges,
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }

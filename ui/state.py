@@ -1,0 +1,104 @@
+"""Session state: the canonical values every page reads, first-run defaults, and error display.
+
+Widgets never own the canonical values: Streamlit drops a widget's key when its page is not shown, so
+each page copies widget values into the plain keys below (see :func:`widget_value`).
+
+Keys: ``model_spec`` (ModelSpec), ``pairs`` (PromptPairs), ``data_label`` (str), ``metric`` (str),
+``attr_spec`` (AttributionSpec), ``scores`` (Scores or absent), ``scores_key`` (str), ``scores_label``
+(str), ``n_edges`` (int), ``absolute`` (bool), ``imported`` (dict or absent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import streamlit as st
+
+from eapcore.attribute import AttributionSpec
+from eapcore.data import PromptPairs
+from eapcore.models import ModelSpec
+from eapcore.tasks import TASKS
+
+ENV_MODEL = "EAPCORE_APP_MODEL"  # default model: "demo", a hub name or a local folder
+ENV_DATA = "EAPCORE_APP_DATA"  # default data: a shipped task name or a CSV path
+ENV_DEVICE = "EAPCORE_APP_DEVICE"
+
+
+def default_model_spec() -> ModelSpec:
+    return ModelSpec(os.environ.get(ENV_MODEL, "demo"), os.environ.get(ENV_DEVICE) or None, "float32")
+
+
+def default_data() -> tuple[PromptPairs, str, str]:
+    """(pairs, label, metric) for the default data: the IOI task unless ``EAPCORE_APP_DATA`` says otherwise."""
+    source = os.environ.get(ENV_DATA, "ioi")
+    if source in TASKS:
+        task = TASKS[source]
+        return PromptPairs.from_csv(task.csv), f"task: {task.name}", task.metric
+    path = Path(source)
+    return PromptPairs.from_csv(path), f"file: {path.name}", "logit_diff"
+
+
+def ss() -> Any:
+    return st.session_state
+
+
+def init_defaults() -> None:
+    """Fill the canonical keys on a session's first run (model spec, default task, specs)."""
+    s = st.session_state
+    if "model_spec" not in s:
+        s.model_spec = default_model_spec()
+    if "metric" not in s:
+        s.metric = "logit_diff"
+    if "pairs" not in s:
+        try:
+            s.pairs, s.data_label, s.metric = default_data()
+        except Exception as e:  # noqa: BLE001 - shown to the user; the app still opens
+            s.pairs, s.data_label = None, "none"
+            s.default_data_error = f"could not load the default data: {e}"
+    if "attr_spec" not in s:
+        s.attr_spec = AttributionSpec(metric=s.metric)
+    s.setdefault("absolute", True)
+
+
+def set_data(pairs: PromptPairs, label: str, metric: str | None = None) -> None:
+    s = st.session_state
+    s.pairs, s.data_label = pairs, label
+    if metric is not None:
+        s.metric = metric
+    s.pop("default_data_error", None)
+
+
+def set_scores(scores: Any, key: str, label: str, n_edges: int | None = None) -> None:
+    """Make ``scores`` the ones Explore and Export show; ``n_edges`` presets the slider."""
+    s = st.session_state
+    s.scores, s.scores_key, s.scores_label = scores, key, label
+    if n_edges is not None:
+        s.n_edges = n_edges
+    elif s.get("n_edges") is None or s.n_edges > scores.graph.n_edges:
+        s.n_edges = None  # Explore picks its default
+
+
+def clear_scores() -> None:
+    for key in ("scores", "scores_key", "scores_label", "n_edges"):
+        st.session_state.pop(key, None)
+
+
+def widget_value(widget_key: str, canonical: str) -> None:
+    """Seed a widget's state from the canonical key when the widget is (re)created."""
+    s = st.session_state
+    if widget_key not in s and canonical in s:
+        s[widget_key] = s[canonical]
+
+
+@contextlib.contextmanager
+def guard(what: str = "") -> Iterator[None]:
+    """Show any error raised inside as ``st.error`` with its message; session state is untouched."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every error is shown, none wipes the session
+        prefix = f"{what}: " if what else ""
+        st.error(f"{prefix}{e}", icon=":material/error:")
+        st.session_state.last_error = f"{type(e).__name__}: {e}"
