@@ -1,9 +1,9 @@
-"""Edge attribution: EAP, EAP-IG-inputs and clean-corrupted (design §4).
+"""Attribution: one public entry point, one private function per method (design §4).
 
 Score of edge (u, v) = Σ_{batch, pos, d_model} Δ_u · g_v, averaged over examples, where
-Δ_u = a_u(corrupted) − a_u(clean) and g_v is the gradient of the loss (the metric signed so that lower
-is better) at the input of v. The three methods differ only in where the gradient is taken: at token
-embeddings interpolated between the corrupted (α = 0) and the clean (α = 1) ones.
+Δ_u = ablated_u − clean_u (ablated = corrupted for patching; zero or a mean otherwise) and g_v is the
+gradient of the loss (the metric signed so that lower is better) at the input of v. Positive means
+ablating the edge hurts the task. Node/neuron level takes g at u's own output instead.
 """
 
 from __future__ import annotations
@@ -13,15 +13,20 @@ from typing import Any, Callable
 
 import torch
 
-from eapcore.circuit import Scores
+from eapcore.circuit import Circuit, Scores
 from eapcore.data import Batch, TokenizedPairs
+from eapcore.gradients import Accumulator, activation_interpolation, input_interpolation
+from eapcore.graph import Graph
+from eapcore.interventions import INTERVENTIONS, Intervention, make_intervention, recorders, source_outputs
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_dtype, model_graph, model_lock
-from eapcore.sites import Destination, destinations, per_column, source_major, sources
+from eapcore.sites import destinations, per_column
 
 Progress = Callable[[int, int], None]
-METHODS = ("EAP", "EAP-IG-inputs", "clean-corrupted")
-INTERVENTIONS = ("patching",)
+METHODS = ("EAP", "EAP-IG-inputs", "clean-corrupted", "EAP-IG-activations", "information-flow-routes", "exact")
+LEVELS = ("edge", "node", "neuron")
+_PATCHING_ONLY = ("EAP-IG-inputs", "clean-corrupted")
+_EDGE_ONLY = ("information-flow-routes",)
 
 
 @dataclass(frozen=True)
@@ -33,24 +38,46 @@ class AttributionSpec:
     metric: str = "logit_diff"
     intervention: str = "patching"
     batch_size: int = 32
+    level: str = "edge"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.intervention not in INTERVENTIONS:
-            raise ValueError(f"intervention {self.intervention!r} is not supported; choose one of {', '.join(INTERVENTIONS)}")
-        if not isinstance(self.ig_steps, int) or self.ig_steps < 1:
+            raise ValueError(f"unknown intervention {self.intervention!r}; choose one of {', '.join(INTERVENTIONS)}")
+        if self.method in _PATCHING_ONLY and self.intervention != "patching":
+            raise ValueError(
+                f"{self.method} interpolates between the clean and the corrupted prompt, so it needs the 'patching' "
+                f"intervention, not {self.intervention!r}; use EAP, EAP-IG-activations or exact for {self.intervention}"
+            )
+        if self.level not in LEVELS:
+            raise ValueError(f"unknown level {self.level!r}; choose one of {', '.join(LEVELS)}")
+        if self.level != "edge" and self.method in _EDGE_ONLY:
+            raise ValueError(f"{self.method} scores edges only; use level='edge'")
+        if self.level == "neuron" and self.method == "exact":
+            raise ValueError("exact scoring works at edge or node level; use level='edge' or 'node'")
+        if isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, int) or self.ig_steps < 1:
             raise ValueError(f"ig_steps must be a positive integer, got {self.ig_steps!r}; 5 is the usual choice")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
 
     def alphas(self) -> list[float]:
-        """Where gradients are taken, as interpolation weights of the clean embeddings."""
+        """Where input-interpolation methods take gradients, as the weight of the clean embeddings."""
         if self.method == "EAP":
             return [1.0]
         if self.method == "clean-corrupted":
             return [1.0, 0.0]
         return [k / self.ig_steps for k in range(self.ig_steps)]
+
+    def passes_per_batch(self, graph: Graph) -> int:
+        """Forward (or forward/backward) passes per batch, for progress and time estimates."""
+        if self.method == "EAP-IG-activations":
+            return 2 + (2 * graph.cfg.n_layers + 1) * self.ig_steps
+        if self.method == "information-flow-routes":
+            return 1
+        if self.method == "exact":
+            return graph.n_edges if self.level == "edge" else graph.n_forward
+        return 2 + len(self.alphas())
 
 
 def attribute(
@@ -59,28 +86,19 @@ def attribute(
     spec: AttributionSpec = AttributionSpec(),
     metric: Metric | MetricFn | None = None,
     progress: Progress | None = None,
+    reference: TokenizedPairs | None = None,
 ) -> Scores:
-    """Score every edge of ``model``'s graph on ``data``; ``metric`` overrides ``spec.metric``."""
+    """Score ``model``'s graph on ``data``. ``metric`` overrides ``spec.metric``; ``reference`` is the
+    dataset the mean interventions average over (default: ``data``)."""
     metric = get_metric(metric if metric is not None else spec.metric)
     graph = model_graph(model)
-    device, dtype = model_device(model), model_dtype(model)
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=acc_dtype, device=device)
-    alphas = spec.alphas()
-    batches = list(data.batches(spec.batch_size, device))
-    total, done = len(batches) * (2 + len(alphas)), 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
-
     with model_lock(model):
-        for index, batch in enumerate(batches):
-            _score_batch(model, graph, batch, metric, alphas, scores, tick, index)
-    scores = scores / len(data)
-    scores = torch.where(graph.real_edge_mask.to(device), scores, torch.zeros((), dtype=acc_dtype, device=device))
+        if spec.method == "exact":
+            result = _exact(model, graph, data, spec, metric, progress, reference)
+        else:
+            result = _by_batches(model, graph, data, spec, metric, progress, reference)
+    if model_dtype(model) != torch.float64:
+        result = tuple(None if t is None else t.float() for t in result)
     provenance = {
         **asdict(spec),
         "metric": metric.name,
@@ -88,65 +106,124 @@ def attribute(
         "data": data.fingerprint,
         "n_examples": len(data),
     }
-    return Scores(graph, scores, provenance=provenance)
+    return Scores(graph, *result, provenance=provenance)
 
 
-def _score_batch(
-    model: Any, graph: Any, batch: Batch, metric: Metric, alphas: list[float], scores: torch.Tensor,
-    tick: Callable[[], None], index: int,
+def _counter(total: int, progress: Progress | None) -> Callable[..., None]:
+    done = 0
+
+    def tick(*_: Any) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    return tick
+
+
+def _by_batches(
+    model: Any, graph: Graph, data: TokenizedPairs, spec: AttributionSpec, metric: Metric,
+    progress: Progress | None, reference: TokenizedPairs | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    device, dtype = model_device(model), model_dtype(model)
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = Accumulator(
+        graph, spec.level,
+        torch.zeros(graph.n_forward, graph.n_backward, dtype=acc_dtype, device=device),
+        torch.zeros(graph.n_forward, model.cfg.d_model, dtype=acc_dtype, device=device),
+    )
+    intervention = make_intervention(spec.intervention, model, graph, reference or data, spec.batch_size)
+    batches = list(data.batches(spec.batch_size, device))
+    tick = _counter(len(batches) * spec.passes_per_batch(graph), progress)
+    for index, batch in enumerate(batches):
+        where = f"batch {index + 1} of {len(batches)}"
+        if spec.method == "information-flow-routes":
+            _information_flow(model, graph, batch, acc)
+            tick()
+        else:
+            _gradient_batch(model, graph, batch, spec, metric, intervention, acc, tick, where)
+    n = len(data)
+    if spec.level == "edge":
+        edges = torch.where(graph.real_edge_mask.to(device), acc.edges / n, torch.zeros((), dtype=acc_dtype, device=device))
+        return edges.cpu(), None, None
+    neurons = (acc.neurons / n).cpu()
+    zeros = torch.zeros(graph.n_forward, graph.n_backward, dtype=acc_dtype)
+    return zeros, neurons.sum(-1), neurons if spec.level == "neuron" else None
+
+
+def _gradient_batch(
+    model: Any, graph: Graph, batch: Batch, spec: AttributionSpec, metric: Metric, intervention: Intervention,
+    acc: Accumulator, tick: Callable[..., None], where: str,
 ) -> None:
-    """Add this batch's summed scores into ``scores`` (``[n_forward n_backward]``)."""
-    B, P = batch.clean.shape
-    delta = torch.zeros(graph.n_forward, B, P, model.cfg.d_model, dtype=model_dtype(model), device=scores.device)
-    embeds: dict[str, torch.Tensor] = {}
+    """Δ = ablated − clean from two forward passes, then the method's gradient passes."""
+    delta = intervention.ablated(model, graph, batch)
+    corrupted_embed = delta[0].clone()
+    tick()
+    with torch.no_grad():
+        clean_logits = model.run_with_hooks(batch.clean, fwd_hooks=recorders(graph, delta, sign=-1.0))
+    clean_readout = readout(clean_logits, batch.lengths) if metric.needs_clean_logits else None
+    del clean_logits
+    tick()
 
-    def record(rows: slice, sign: float) -> Callable:
-        def hook(t: torch.Tensor, hook: Any) -> None:
-            delta[rows] += sign * source_major(t)
-        return hook
+    def step_tick(*_: Any) -> None:
+        tick()
 
-    def keep_embed(t: torch.Tensor, hook: Any) -> None:
-        embeds["corrupted"] = t.clone()
+    if spec.method == "EAP-IG-activations":
+        activation_interpolation(model, batch, metric, delta, clean_readout, spec.ig_steps, acc, step_tick)
+    else:
+        input_interpolation(model, batch, metric, delta, corrupted_embed, clean_readout, spec.alphas(), acc, step_tick)
+
+
+def _information_flow(model: Any, graph: Graph, batch: Batch, acc: Accumulator) -> None:
+    """Ferrando & Voita (2024): proximity max(0, ‖h_v‖₁ − ‖h_v − x_u‖₁) of each source output x_u to each
+    destination input h_v on the clean run, normalised over u, averaged over real positions."""
+    outs, _ = source_outputs(model, graph, batch, batch.clean)  # sources only; destinations read below
+    real = (torch.arange(batch.n_pos, device=outs.device)[None, :] < batch.lengths[:, None]).to(outs.dtype)
+    weights = real / real.sum(1, keepdim=True)  # [batch pos]: mean over each example's real positions
+
+    def score(t: torch.Tensor, hook: Any, d: Any) -> None:
+        h = per_column(t)
+        for c in range(h.shape[2]):
+            hc = h[:, :, c]
+            prox = (hc.abs().sum(-1) - (hc[None] - outs[: d.prev]).abs().sum(-1)).clamp_min(0)  # [prev batch pos]
+            prox = prox / prox.sum(0, keepdim=True).clamp_min(torch.finfo(prox.dtype).tiny)
+            acc.edges[: d.prev, d.cols.start + c] += (prox * weights).sum((1, 2)).to(acc.edges.dtype)
 
     with torch.no_grad():
-        model.run_with_hooks(
-            batch.corrupted, fwd_hooks=[(s.hook, record(s.rows, 1.0)) for s in sources(graph)] + [("hook_embed", keep_embed)]
-        )
+        model.run_with_hooks(batch.clean, fwd_hooks=[(d.hook, lambda t, hook, d=d: score(t, hook, d)) for d in destinations(graph)])
+
+
+def _exact(
+    model: Any, graph: Graph, data: TokenizedPairs, spec: AttributionSpec, metric: Metric,
+    progress: Progress | None, reference: TokenizedPairs | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    """Ground truth: ablate each edge (or each node's outgoing edges) alone; score = loss change."""
+    from eapcore.evaluate import CircuitEvaluator
+
+    evaluator = CircuitEvaluator(model, data, metric, spec.batch_size, spec.intervention, reference)
+    full = Circuit.full(graph)
+    sign = -1.0 if metric.higher_is_better else 1.0
+    base = evaluator.evaluate(full).double().mean().item()
+
+    def loss_change(edges: torch.Tensor) -> float:
+        value = evaluator.evaluate(Circuit(graph, edges, full.nodes)).double().mean().item()
+        return sign * (value - base)
+
+    if spec.level == "node":
+        tick = _counter(graph.n_forward, progress)
+        nodes = torch.zeros(graph.n_forward, dtype=torch.float64)
+        for row in range(graph.n_forward):
+            edges = graph.real_edge_mask.clone()
+            edges[row] = False
+            nodes[row] = loss_change(edges)
+            tick()
+        return torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64), nodes, None
+    rows, cols = graph.real_edge_mask.nonzero(as_tuple=True)
+    tick = _counter(len(rows), progress)
+    scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64)
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        edges = graph.real_edge_mask.clone()
+        edges[r, c] = False
+        scores[r, c] = loss_change(edges)
         tick()
-        clean_logits = model.run_with_hooks(batch.clean, fwd_hooks=[(s.hook, record(s.rows, -1.0)) for s in sources(graph)])
-        clean_readout = readout(clean_logits, batch.lengths) if metric.needs_clean_logits else None
-        del clean_logits
-        tick()
-    corrupted_embed, embed_diff = embeds["corrupted"], -delta[0]
-    weight = 1.0 / len(alphas)
-
-    def accumulate(dst: Destination, grad: torch.Tensor) -> None:
-        g = per_column(grad)
-        g = g.permute(0, 1, 3, 2).reshape(-1, g.shape[2])
-        block = delta[: dst.prev].reshape(dst.prev, -1) @ g
-        scores[: dst.prev, dst.cols] += block.to(scores.dtype) * weight
-
-    def watch(dst: Destination) -> Callable:
-        def hook(t: torch.Tensor, hook: Any) -> torch.Tensor:
-            # hook_mlp_in hands over the residual stream itself, which also flows past the MLP: a copy
-            # makes the gradient that of the MLP branch alone.
-            t = t.clone()
-            t.register_hook(lambda g: accumulate(dst, g))
-            return t
-        return hook
-
-    watchers = [(d.hook, watch(d)) for d in destinations(graph)]
-    for step, alpha in enumerate(alphas):
-        def interpolate(t: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
-            return (corrupted_embed + alpha * embed_diff).requires_grad_(True)
-
-        with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", interpolate)] + watchers):
-            logits = model(batch.clean)
-            loss = metric.loss(readout(logits, batch.lengths), batch, clean_readout)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"metric {metric.name!r} returned {loss.item()} in batch {index + 1}, gradient step {step + 1}; "
-                    "check the metric for divisions by zero or log of zero"
-                )
-            loss.backward()
-        tick()
+    return scores, None, None

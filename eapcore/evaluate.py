@@ -14,9 +14,10 @@ import torch
 
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import Batch, TokenizedPairs
+from eapcore.interventions import make_intervention, source_outputs
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_graph, model_lock
-from eapcore.sites import destinations, from_per_column, per_column, source_major, sources
+from eapcore.sites import destinations, from_per_column, source_major, sources
 
 MIB_PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
@@ -24,7 +25,7 @@ MIB_PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 @dataclass(frozen=True, eq=False)
 class _Prepared:
     batch: Batch
-    corrupted: torch.Tensor  # [n_forward batch pos d_model]
+    ablated: torch.Tensor  # [n_forward batch pos d_model]: what each source carries when ablated
     clean_readout: torch.Tensor  # [batch d_vocab]
     corrupted_readout: torch.Tensor
 
@@ -38,14 +39,19 @@ class Baseline:
 
 
 class CircuitEvaluator:
-    """Evaluates circuits of ``model`` on ``data``; the corrupted source outputs are computed once."""
+    """Evaluates circuits of ``model`` on ``data`` under an intervention (``patching``, ``zero``, ``mean``,
+    ``mean-positional``; means over ``reference``, default ``data``). What ablated sources carry is
+    computed once, on first use."""
 
     def __init__(
-        self, model: Any, data: TokenizedPairs, metric: str | Metric | MetricFn = "logit_diff", batch_size: int = 64
+        self, model: Any, data: TokenizedPairs, metric: str | Metric | MetricFn = "logit_diff", batch_size: int = 64,
+        intervention: str = "patching", reference: TokenizedPairs | None = None,
     ) -> None:
         self.model, self.data, self.metric = model, data, get_metric(metric)
         self.graph = model_graph(model)
         self.batch_size = batch_size
+        self.intervention_kind = intervention
+        self.reference = reference
         self._prepared_batches: list[_Prepared] | None = None
         self._empty: float | None = None
 
@@ -53,23 +59,22 @@ class CircuitEvaluator:
     def _prepared(self) -> list[_Prepared]:
         if self._prepared_batches is None:
             with model_lock(self.model), torch.inference_mode():
-                self._prepared_batches = [self._prepare(b) for b in self.data.batches(self.batch_size, model_device(self.model))]
+                intervention = make_intervention(
+                    self.intervention_kind, self.model, self.graph, self.reference or self.data, self.batch_size
+                )
+                self._prepared_batches = [
+                    self._prepare(b, intervention) for b in self.data.batches(self.batch_size, model_device(self.model))
+                ]
         return self._prepared_batches
 
-    def _prepare(self, batch: Batch) -> _Prepared:
-        acts = torch.empty(self.graph.n_forward, *batch.clean.shape, self.model.cfg.d_model, dtype=next(self.model.parameters()).dtype, device=batch.clean.device)
-
-        def record(rows: slice) -> Callable:
-            def hook(t: torch.Tensor, hook: Any) -> None:
-                acts[rows] = source_major(t)
-            return hook
-
-        corrupted_logits = self.model.run_with_hooks(batch.corrupted, fwd_hooks=[(s.hook, record(s.rows)) for s in sources(self.graph)])
+    def _prepare(self, batch: Batch, intervention: Any) -> _Prepared:
+        corrupted, corrupted_logits = source_outputs(self.model, self.graph, batch, batch.corrupted)
+        ablated = corrupted if intervention.kind == "patching" else intervention.ablated(self.model, self.graph, batch)
         clean_logits = self.model(batch.clean)
-        return _Prepared(batch, acts, readout(clean_logits, batch.lengths), readout(corrupted_logits, batch.lengths))
+        return _Prepared(batch, ablated, readout(clean_logits, batch.lengths), readout(corrupted_logits, batch.lengths))
 
     def _metric(self, logits: torch.Tensor, p: _Prepared) -> torch.Tensor:
-        return self.metric(logits, p.batch, p.clean_readout).float().cpu()
+        return self.metric(logits, p.batch, p.clean_readout).double().cpu()
 
     # ----- public -----
     def baseline(self) -> Baseline:
@@ -83,21 +88,28 @@ class CircuitEvaluator:
         if circuit.graph.cfg != self.graph.cfg:
             raise ValueError(f"circuit graph {circuit.graph.cfg} does not match the model's graph {self.graph.cfg}")
         prepared = self._prepared()
-        device = prepared[0].corrupted.device
-        patch_mask = (self.graph.real_edge_mask & ~circuit.edges.cpu()).to(device=device, dtype=prepared[0].corrupted.dtype)
+        like = prepared[0].ablated
+        real = self.graph.real_edge_mask
+        patch_mask = (real & ~circuit.edges.cpu()).to(device=like.device, dtype=like.dtype)
+        partial = None
+        if circuit.neurons is not None:  # in-circuit edges still ablate their parent's excluded dimensions
+            partial = ((real & circuit.edges.cpu()).to(like), (~circuit.neurons.cpu()).to(like))
         values = []
         with model_lock(self.model), torch.inference_mode():
             for p in prepared:
-                logits = self.model.run_with_hooks(p.batch.clean, fwd_hooks=self._hooks(p.corrupted, patch_mask))
+                logits = self.model.run_with_hooks(p.batch.clean, fwd_hooks=self._hooks(p.ablated, patch_mask, partial))
                 values.append(self._metric(readout(logits, p.batch.lengths), p))
         return torch.cat(values)
 
-    def _hooks(self, corrupted: torch.Tensor, patch_mask: torch.Tensor) -> list:
-        """Forward hooks that patch every out-of-circuit edge; none where nothing is patched."""
-        diff = corrupted.clone()  # becomes a_corrupted - a_actual as sources fire
+    def _hooks(self, ablated: torch.Tensor, patch_mask: torch.Tensor, partial: tuple | None) -> list:
+        """Forward hooks that patch every out-of-circuit edge (and excluded neurons of in-circuit ones);
+        none where nothing is patched."""
+        diff = ablated.clone()  # becomes a_ablated - a_actual as sources fire
         hooks = []
         used_rows = patch_mask.any(1).nonzero().flatten().tolist()
         n_used = max(used_rows) + 1 if used_rows else 0
+        if partial is not None:
+            n_used = self.graph.n_forward
 
         def subtract(rows: slice) -> Callable:
             def hook(t: torch.Tensor, hook: Any) -> None:
@@ -109,11 +121,15 @@ class CircuitEvaluator:
                 hooks.append((s.hook, subtract(s.rows)))
         for d in destinations(self.graph):
             block = patch_mask[: d.prev, d.cols]
-            if not bool(block.any()):
+            kept = None if partial is None else partial[0][: d.prev, d.cols]
+            if kept is None and not bool(block.any()):
                 continue
 
-            def patch(t: torch.Tensor, hook: Any, prev: int = d.prev, block: torch.Tensor = block) -> torch.Tensor:
+            def patch(t: torch.Tensor, hook: Any, prev: int = d.prev, block=block, kept=kept) -> torch.Tensor:
                 flat = block.T @ diff[:prev].reshape(prev, -1)  # [cols, batch*pos*d_model]
+                if kept is not None:
+                    dropped = diff[:prev] * partial[1][:prev, None, None, :]
+                    flat = flat + kept.T @ dropped.reshape(prev, -1)
                 add = flat.reshape(block.shape[1], *diff.shape[1:]).permute(1, 2, 0, 3)
                 return t + from_per_column(add, t)
 

@@ -13,11 +13,15 @@ import torch
 from eapcore.graph import QKV, Graph
 
 
-def forward(hf, graph: Graph, tokens: torch.Tensor, keep: torch.Tensor | None = None, corrupted: list | None = None):
+def forward(
+    hf, graph: Graph, tokens: torch.Tensor, keep: torch.Tensor | None = None, corrupted: list | None = None,
+    neurons: torch.Tensor | None = None,
+):
     """Run ``hf`` (a ``GPT2LMHeadModel``) on ``tokens`` ``[batch pos]``.
 
     ``keep`` ``[n_forward n_backward]`` bool: edges that carry the actual source output; the others carry
-    ``corrupted[u]``. Returns ``(logits, outputs, inputs)``: the source outputs in row order and a dict
+    ``corrupted[u]``; with ``neurons`` ``[n_forward d_model]`` bool, kept edges carry only the kept
+    dimensions of the actual output and the corrupted values elsewhere. Returns ``(logits, outputs, inputs)``: the source outputs in row order and a dict
     column -> destination input tensor.
     """
     tr = hf.transformer
@@ -31,8 +35,12 @@ def forward(hf, graph: Graph, tokens: torch.Tensor, keep: torch.Tensor | None = 
     def build(col: int, prev: int, base: torch.Tensor) -> torch.Tensor:
         x = base
         for u in range(prev):
-            use_actual = keep is None or bool(keep[u, col])
-            x = x + (outputs[u] if use_actual else corrupted[u])
+            if keep is None or not bool(keep[u, col]):
+                x = x + (outputs[u] if keep is None else corrupted[u])
+            elif neurons is None:
+                x = x + outputs[u]
+            else:
+                x = x + torch.where(neurons[u], outputs[u], corrupted[u])
         inputs[col] = x
         return x
 

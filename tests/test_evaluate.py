@@ -51,7 +51,7 @@ def test_removing_each_edge_equals_hand_patching(evaluator, tiny_dir, tiny64, pa
         keep[r, c] = False
         ours = evaluator.evaluate(Circuit(graph, keep, torch.ones(graph.n_forward, dtype=torch.bool)))
         expected = hand_patched(hf, graph, data, keep)
-        torch.testing.assert_close(ours, expected.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
         changed += int((expected - evaluator.evaluate(Circuit.full(graph))).abs().max() > 1e-4)
     assert changed > graph.n_edges // 2  # most single edges matter on this random model
 
@@ -64,7 +64,7 @@ def test_random_circuits_equal_hand_patching(evaluator, tiny_dir, tiny64, pairs)
     for _ in range(5):
         keep = graph.real_edge_mask & (torch.rand(graph.real_edge_mask.shape, generator=gen) < 0.5)
         ours = evaluator.evaluate(Circuit(graph, keep, torch.ones(graph.n_forward, dtype=torch.bool)))
-        torch.testing.assert_close(ours, hand_patched(hf, graph, data, keep).float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours, hand_patched(hf, graph, data, keep), rtol=1e-5, atol=1e-6)
 
 
 def test_faithfulness_is_normalized(evaluator):

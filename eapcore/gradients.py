@@ -1,0 +1,134 @@
+"""Gradient passes shared by the gradient-based methods.
+
+Each pass runs the clean prompt with one part of the model interpolated between its ablated and its
+clean value, backpropagates the loss, and turns every gradient it needs into scores with one matrix
+product: edges ``[n_forward n_backward]`` from gradients at destination inputs, or neurons
+``[n_forward d_model]`` from gradients at the sources' own outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from eapcore.data import Batch
+from eapcore.graph import Graph
+from eapcore.metrics import Metric, readout
+from eapcore.sites import Destination, Source, destinations, per_column, source_major, sources
+
+
+@dataclass
+class Accumulator:
+    """Where scores are summed: ``edges`` ``[n_forward n_backward]`` or ``neurons`` ``[n_forward d_model]``."""
+
+    graph: Graph
+    level: str
+    edges: torch.Tensor
+    neurons: torch.Tensor
+
+    def add_edges(self, dst: Destination, rows: slice, delta: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
+        """scores[rows, dst.cols] += Σ_{batch,pos,d} delta[rows] · grad (per destination column)."""
+        g = per_column(grad)
+        g = g.permute(0, 1, 3, 2).reshape(-1, g.shape[2])
+        n = rows.stop - rows.start
+        block = delta[rows].reshape(n, -1) @ g
+        self.edges[rows, dst.cols] += block.to(self.edges.dtype) * weight
+
+    def add_neurons(self, rows: slice, delta: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
+        """neurons[rows] += Σ_{batch,pos} delta[rows] ⊙ grad."""
+        self.neurons[rows] += (delta[rows] * source_major(grad)).sum((1, 2)).to(self.neurons.dtype) * weight
+
+
+def _on_grad(t: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """A copy of ``t`` whose gradient is handed to ``fn``. The copy matters at ``hook_mlp_in``, where
+    the bridge hands over the residual stream itself, which also flows past the MLP."""
+    if not t.requires_grad:
+        return t
+    t = t.clone()
+    t.register_hook(fn)
+    return t
+
+
+def gradient_pass(
+    model: Any,
+    graph: Graph,
+    batch: Batch,
+    metric: Metric,
+    clean_readout: torch.Tensor | None,
+    interpolate: tuple[str, Callable],
+    on_destination: Callable[[Destination, torch.Tensor], None] | None,
+    on_source: Callable[[Source, torch.Tensor], None] | None,
+    where: str,
+) -> None:
+    """One forward/backward of the clean prompt with ``interpolate`` = (hook, fn) applied; gradients at
+    destination inputs go to ``on_destination``, at source outputs to ``on_source``."""
+    hooks = [interpolate]
+    if on_destination is not None:
+        for d in destinations(graph):
+            hooks.append((d.hook, lambda t, hook, d=d: _on_grad(t, lambda g: on_destination(d, g))))
+    if on_source is not None:
+        for s in sources(graph):
+            hooks.append((s.hook, lambda t, hook, s=s: _on_grad(t, lambda g: on_source(s, g))))
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model(batch.clean)
+        loss = metric.loss(readout(logits, batch.lengths), batch, clean_readout)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"metric {metric.name!r} returned {loss.item()} in {where}; check the metric for divisions by "
+                "zero or logs of zero, and the model dtype (try float32)"
+            )
+        if loss.requires_grad:
+            loss.backward()
+
+
+def input_interpolation(
+    model: Any, batch: Batch, metric: Metric, delta: torch.Tensor, corrupted_embed: torch.Tensor,
+    clean_readout: torch.Tensor | None, alphas: list[float], acc: Accumulator, tick: Callable[[str], None],
+) -> None:
+    """Gradients at token embeddings e_corr + α (e_clean − e_corr), averaged over ``alphas``."""
+    embed_diff = -delta[0]
+    weight = 1.0 / len(alphas)
+    for step, alpha in enumerate(alphas):
+        def interpolate(t: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
+            return (corrupted_embed + alpha * embed_diff).requires_grad_(True)
+
+        gradient_pass(
+            model, acc.graph, batch, metric, clean_readout, ("hook_embed", interpolate),
+            (lambda d, g: acc.add_edges(d, slice(0, d.prev), delta, g, weight)) if acc.level == "edge" else None,
+            (lambda s, g: acc.add_neurons(s.rows, delta, g, weight)) if acc.level != "edge" else None,
+            f"gradient step {step + 1} of {len(alphas)}",
+        )
+        tick("gradient")
+
+
+def activation_interpolation(
+    model: Any, batch: Batch, metric: Metric, delta: torch.Tensor, clean_readout: torch.Tensor | None,
+    steps: int, acc: Accumulator, tick: Callable[[str], None],
+) -> None:
+    """For each source group (input, each attention layer, each MLP) in turn, its output set to
+    α·clean + (1 − α)·ablated for α = k/steps, k = 1..steps; the group's own edges (or neurons) take
+    the mean gradient along its path."""
+    weight = 1.0 / steps
+    for group in sources(acc.graph):
+        rows = group.rows
+        shift = delta[rows]  # [rows batch pos d_model]: ablated − clean
+        for k in range(1, steps + 1):
+            alpha = k / steps
+
+            def interpolate(t: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
+                moved = shift.permute(1, 2, 0, 3) if t.dim() == 4 else shift[0]
+                out = (t + (1 - alpha) * moved).detach().requires_grad_(True)
+                if acc.level != "edge":
+                    out.register_hook(lambda g: acc.add_neurons(rows, delta, g, weight))
+                return out
+
+            gradient_pass(
+                model, acc.graph, batch, metric, clean_readout, (group.hook, interpolate),
+                (lambda d, g: acc.add_edges(d, rows, delta, g, weight) if d.prev > rows.start else None)
+                if acc.level == "edge" else None,
+                None,
+                f"group {group.hook}, step {k} of {steps}",
+            )
+            tick("gradient")
