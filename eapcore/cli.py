@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Sequence
 
-from eapcore.attribute import METHODS, AttributionSpec, attribute
+from eapcore.attribute import LEVELS, METHODS, AttributionSpec, attribute
+from eapcore.interventions import INTERVENTIONS
 from eapcore.data import PromptPairs, TokenizedPairs, tokenize
 from eapcore.metrics import METRICS
 from eapcore.models import DTYPES, ModelSpec, load_model
@@ -21,6 +22,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     src.add_argument("--task", choices=sorted(TASKS), help="a shipped task (default: ioi when --data is absent)")
     p.add_argument("--metric", choices=sorted(METRICS), help="default: the task's metric, else logit_diff")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--intervention", default="patching", choices=INTERVENTIONS,
+                   help="what an ablated edge carries; mean/mean-positional average over the data's clean prompts")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
@@ -32,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(a)
     a.add_argument("--method", default="EAP-IG-inputs", choices=METHODS)
     a.add_argument("--ig-steps", type=int, default=5)
+    a.add_argument("--level", default="edge", choices=LEVELS, help="score edges, nodes or neurons (d_model dims)")
     a.add_argument("--out", required=True, help="output file, .pt or .json")
     e = sub.add_parser("evaluate", help="evaluate a circuit from a scored graph; prints one JSON object")
     _common(e)
@@ -58,7 +62,7 @@ def _attribute(args: argparse.Namespace) -> None:
 
     model = load_model(ModelSpec(args.model, args.device, args.dtype))
     data, metric = _load_data(args, model)
-    spec = AttributionSpec(args.method, args.ig_steps, metric, batch_size=args.batch_size)
+    spec = AttributionSpec(args.method, args.ig_steps, metric, args.intervention, args.batch_size, args.level)
     with tqdm(total=0, desc=args.method, unit="pass") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -74,7 +78,7 @@ def _attribute(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from eapcore.evaluate import CircuitEvaluator
+    from eapcore.evaluate import CircuitEvaluator, normalized
     from eapcore.export import load_circuit
     from eapcore.models import model_graph
     from eapcore.select import threshold, top_n
@@ -88,8 +92,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         circuit = threshold(scores, args.threshold)
     else:
         circuit = stored
-    evaluator = CircuitEvaluator(model, data, metric, batch_size=args.batch_size)
-    base = evaluator.baseline()
+    evaluator = CircuitEvaluator(model, data, metric, args.batch_size, args.intervention)
+    base, empty = evaluator.baseline(), evaluator.empty_metric()
     value = evaluator.evaluate(circuit).mean().item()
     print(json.dumps({
         "n_edges": circuit.n_edges,
@@ -97,8 +101,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         "metric": value,
         "clean_metric": base.clean,
         "corrupted_metric": base.corrupted,
-        "empty_metric": evaluator.empty_metric(),
-        "faithfulness": evaluator.faithfulness(circuit),
+        "empty_metric": empty,
+        "faithfulness": normalized(value, base.clean, empty),
+        "intervention": args.intervention,
     }))
 
 
