@@ -29,6 +29,10 @@ _PATCHING_ONLY = ("EAP-IG-inputs", "clean-corrupted")
 _EDGE_ONLY = ("information-flow-routes",)
 
 
+class Cancelled(Exception):
+    """Raise from a progress callback to stop attribution; hooks are removed on the way out."""
+
+
 @dataclass(frozen=True)
 class AttributionSpec:
     """How to attribute; also the cache key and the provenance written into exports."""
@@ -93,10 +97,18 @@ def attribute(
     metric = get_metric(metric if metric is not None else spec.metric)
     graph = model_graph(model)
     with model_lock(model):
-        if spec.method == "exact":
-            result = _exact(model, graph, data, spec, metric, progress, reference)
-        else:
-            result = _by_batches(model, graph, data, spec, metric, progress, reference)
+        try:
+            if spec.method == "exact":
+                result = _exact(model, graph, data, spec, metric, progress, reference)
+            else:
+                result = _by_batches(model, graph, data, spec, metric, progress, reference)
+        except torch.OutOfMemoryError as e:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise MemoryError(
+                f"out of memory on {model_device(model)} while attributing with batch size {spec.batch_size}; try a "
+                f"smaller batch (--batch-size {max(1, spec.batch_size // 2)}) or half precision (--dtype bfloat16)"
+            ) from e
     if model_dtype(model) != torch.float64:
         result = tuple(None if t is None else t.float() for t in result)
     provenance = {
@@ -165,13 +177,10 @@ def _gradient_batch(
     del clean_logits
     tick()
 
-    def step_tick(*_: Any) -> None:
-        tick()
-
     if spec.method == "EAP-IG-activations":
-        activation_interpolation(model, batch, metric, delta, clean_readout, spec.ig_steps, acc, step_tick)
+        activation_interpolation(model, batch, metric, delta, clean_readout, spec.ig_steps, acc, tick, where)
     else:
-        input_interpolation(model, batch, metric, delta, corrupted_embed, clean_readout, spec.alphas(), acc, step_tick)
+        input_interpolation(model, batch, metric, delta, corrupted_embed, clean_readout, spec.alphas(), acc, tick, where)
 
 
 def _information_flow(model: Any, graph: Graph, batch: Batch, acc: Accumulator) -> None:

@@ -85,7 +85,7 @@ def gradient_pass(
 
 def input_interpolation(
     model: Any, batch: Batch, metric: Metric, delta: torch.Tensor, corrupted_embed: torch.Tensor,
-    clean_readout: torch.Tensor | None, alphas: list[float], acc: Accumulator, tick: Callable[[str], None],
+    clean_readout: torch.Tensor | None, alphas: list[float], acc: Accumulator, tick: Callable[[], None], where: str,
 ) -> None:
     """Gradients at token embeddings e_corr + α (e_clean − e_corr), averaged over ``alphas``."""
     embed_diff = -delta[0]
@@ -98,14 +98,14 @@ def input_interpolation(
             model, acc.graph, batch, metric, clean_readout, ("hook_embed", interpolate),
             (lambda d, g: acc.add_edges(d, slice(0, d.prev), delta, g, weight)) if acc.level == "edge" else None,
             (lambda s, g: acc.add_neurons(s.rows, delta, g, weight)) if acc.level != "edge" else None,
-            f"gradient step {step + 1} of {len(alphas)}",
+            f"{where}, gradient step {step + 1} of {len(alphas)}",
         )
-        tick("gradient")
+        tick()
 
 
 def activation_interpolation(
     model: Any, batch: Batch, metric: Metric, delta: torch.Tensor, clean_readout: torch.Tensor | None,
-    steps: int, acc: Accumulator, tick: Callable[[str], None],
+    steps: int, acc: Accumulator, tick: Callable[[], None], where: str,
 ) -> None:
     """For each source group (input, each attention layer, each MLP) in turn, its output set to
     α·clean + (1 − α)·ablated for α = k/steps, k = 1..steps; the group's own edges (or neurons) take
@@ -129,6 +129,6 @@ def activation_interpolation(
                 (lambda d, g: acc.add_edges(d, rows, delta, g, weight) if d.prev > rows.start else None)
                 if acc.level == "edge" else None,
                 None,
-                f"group {group.hook}, step {k} of {steps}",
+                f"{where}, group {group.hook}, step {k} of {steps}",
             )
-            tick("gradient")
+            tick()
