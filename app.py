@@ -13,7 +13,7 @@ import streamlit as st  # noqa: E402
 
 from ui import state, widgets  # noqa: E402
 
-st.set_page_config(page_title="EAP-IG circuit explorer", layout="wide")
+st.set_page_config(page_title="EAP-IG circuit explorer", page_icon=widgets.favicon_png(), layout="wide")
 state.init_defaults()
 
 PAGES = [

@@ -220,7 +220,9 @@ def circuit_png(scores: Scores, circuit: Circuit, max_edges: int = 600, title: s
     return _figure_png(fig)
 
 
-def curve_png(curve: Any, fine: Any | None = None, marker: tuple[float, float] | None = None, title: str | None = None) -> bytes:
+def curve_png(
+    curve: Any, fine: Any | None = None, marker: tuple[float, float] | None = None, unit: str = "edges", title: str | None = None
+) -> bytes:
     """A PNG of faithfulness against the percentage of edges kept (log axis); ``curve`` and ``fine`` are
     :class:`~eapcore.evaluate.Curve`; ``marker`` is ``(percent, faithfulness)`` of the current circuit."""
     import matplotlib
@@ -236,7 +238,7 @@ def curve_png(curve: Any, fine: Any | None = None, marker: tuple[float, float] |
         ax.plot([marker[0]], [marker[1]], "*", color="#ef4444", ms=14, label="current circuit")
     ax.axhline(1.0, color="#6b7280", lw=0.8, ls=":")
     ax.set_xscale("log")
-    ax.set_xlabel("edges kept (% of the graph)")
+    ax.set_xlabel(f"{unit} kept (% of the graph)")
     ax.set_ylabel("faithfulness")
     ax.set_title(title or f"CPR {curve.cpr:.3f}   CMD {curve.cmd:.3f}", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
@@ -270,7 +272,7 @@ def heatmap_figure(scores: Scores) -> Any:
     return fig
 
 
-def curve_figure(curve: Any, fine: Any | None = None, marker: tuple[float, float] | None = None) -> Any:
+def curve_figure(curve: Any, fine: Any | None = None, marker: tuple[float, float] | None = None, unit: str = "edges") -> Any:
     """Plotly faithfulness curve (log x axis) at the MIB sizes and a finer grid, with the current circuit."""
     import plotly.graph_objects as go
 
@@ -278,12 +280,12 @@ def curve_figure(curve: Any, fine: Any | None = None, marker: tuple[float, float
     if fine is not None:
         fig.add_trace(go.Scatter(
             x=list(fine.percents), y=list(fine.faithfulness), mode="lines", name="finer grid", line={"color": "#93c5fd"},
-            customdata=list(fine.n_edges), hovertemplate="%{x:.3g}% (%{customdata} edges)<br>f = %{y:.4f}<extra></extra>",
+            customdata=list(fine.n_edges), hovertemplate=f"%{{x:.3g}}% (%{{customdata}} {unit})<br>f = %{{y:.4f}}<extra></extra>",
         ))
     fig.add_trace(go.Scatter(
         x=list(curve.percents), y=list(curve.faithfulness), mode="lines+markers", name="MIB sizes",
         line={"color": "#1d4ed8"}, customdata=list(curve.n_edges),
-        hovertemplate="%{x:.3g}% (%{customdata} edges)<br>f = %{y:.4f}<extra></extra>",
+        hovertemplate=f"%{{x:.3g}}% (%{{customdata}} {unit})<br>f = %{{y:.4f}}<extra></extra>",
     ))
     if marker is not None:
         fig.add_trace(go.Scatter(
@@ -293,7 +295,7 @@ def curve_figure(curve: Any, fine: Any | None = None, marker: tuple[float, float
         ))
     fig.add_hline(y=1.0, line={"dash": "dot", "color": "#6b7280", "width": 1})
     fig.update_layout(
-        xaxis={"type": "log", "title": "edges kept (% of the graph)"}, yaxis={"title": "faithfulness"},
+        xaxis={"type": "log", "title": f"{unit} kept (% of the graph)"}, yaxis={"title": "faithfulness"},
         height=380, margin={"l": 50, "r": 20, "t": 40, "b": 50},
         title={"text": f"CPR {curve.cpr:.3f} (higher is better) · CMD {curve.cmd:.3f} (lower is better)", "font": {"size": 13}},
         legend={"orientation": "h", "y": -0.25},

@@ -7,10 +7,13 @@ import time
 import streamlit as st
 
 from eapcore import render
+from eapcore import attribute as engine
 from eapcore.attribute import INTERVENTIONS, METHODS, AttributionSpec
 from eapcore.metrics import METRICS
+from eapcore.models import model_graph
 from ui import cache, state, widgets
 
+state.require_entry()
 s = st.session_state
 st.title("Attribute")
 st.caption(
@@ -21,29 +24,35 @@ st.caption(
 if not widgets.need("pairs"):
     st.stop()
 
+LEVELS = getattr(engine, "LEVELS", ("edge",))
 spec0: AttributionSpec = s.attr_spec
 for key, value in (("w_method", spec0.method), ("w_steps", spec0.ig_steps), ("w_batch", spec0.batch_size),
-                   ("w_intervention", spec0.intervention), ("w_attr_metric", s.metric)):
+                   ("w_intervention", spec0.intervention), ("w_attr_metric", s.metric),
+                   ("w_level", getattr(spec0, "level", "edge"))):
     s.setdefault(key, value)
-c1, c2, c3, c4, c5 = st.columns([2, 1, 1.3, 1, 1.3])
+c1, c2, c3, c4, c5, c6 = st.columns([2, 0.9, 1.2, 0.9, 1.3, 0.9])
 method = c1.selectbox("Method", METHODS, key="w_method")
-steps = c2.number_input("IG steps", 1, 200, key="w_steps", disabled=method != "EAP-IG-inputs",
-                        help="Gradient points between corrupted and clean embeddings (EAP-IG-inputs only)")
+steps = c2.number_input("IG steps", 1, 200, key="w_steps", disabled="IG" not in method,
+                        help="Interpolation steps between the corrupted and the clean run (EAP-IG methods)")
 metric = c3.selectbox("Metric", list(METRICS), key="w_attr_metric")
 batch = c4.number_input("Batch size", 1, 4096, key="w_batch")
 intervention = c5.selectbox("Intervention", INTERVENTIONS, key="w_intervention",
-                            help="What an out-of-circuit edge carries: the corrupted run's output")
+                            help="What an out-of-circuit edge carries: the corrupted run's output (patching), zero or a mean")
+level = c6.selectbox("Level", LEVELS, key="w_level", help="Score edges, or nodes (circuits are then chosen by node)")
 s.metric = metric
 
 spec = None
 with state.guard("Invalid settings"):
-    spec = AttributionSpec(method, int(steps), metric, intervention, int(batch))
+    extra = {"level": level} if "level" in AttributionSpec.__dataclass_fields__ else {}
+    spec = AttributionSpec(method, int(steps), metric, intervention, int(batch), **extra)
     s.attr_spec = spec
 
 if spec is not None:
     cached = cache.cached_attribution(s.model_spec, s.pairs, spec) is not None
     n_pairs = len(s.pairs)
-    passes = -(-n_pairs // spec.batch_size) * (2 + len(spec.alphas()))
+    graph = model_graph(cache.get_model(s.model_spec))
+    per_batch = spec.passes_per_batch(graph) if hasattr(spec, "passes_per_batch") else 2 + len(spec.alphas())
+    passes = -(-n_pairs // spec.batch_size) * per_batch
     st.caption(f"{n_pairs} pairs ({s.data_label}) · {passes} passes over batches of {spec.batch_size}"
                + (" · **cached: this run is instant**" if cached else ""))
     b1, b2 = st.columns([1, 3])
@@ -63,7 +72,9 @@ if spec is not None:
 
             scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress)
             bar.progress(1.0, text="cached result" if timing.cached else f"done in {timing.seconds:.1f} s")
-            label = f"{spec.method}" + (f" ({spec.ig_steps} steps)" if spec.method == "EAP-IG-inputs" else "")
+            label = f"{spec.method}" + (f" ({spec.ig_steps} steps)" if "IG" in spec.method else "")
+            label += f", {level} level" if level != "edge" else ""
+            label += f", {intervention}" if intervention != "patching" else ""
             state.set_scores(scores, key, f"{label}, {spec.metric}, {s.data_label}")
             s.last_attribution_seconds = timing.seconds
             if open_explore:

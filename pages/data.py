@@ -13,6 +13,7 @@ from eapcore.metrics import METRICS
 from eapcore.tasks import TASKS
 from ui import cache, state, widgets
 
+state.require_entry()
 s = st.session_state
 st.title("Data")
 st.caption(

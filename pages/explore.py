@@ -1,4 +1,4 @@
-"""Explore page: an edge-count slider that evaluates the top-n circuit on every move, the faithfulness
+"""Explore page: a circuit-size slider that evaluates the top-n circuit on every move, the faithfulness
 curve with CPR/CMD, and the circuit as an interactive graph."""
 
 from __future__ import annotations
@@ -6,31 +6,32 @@ from __future__ import annotations
 import streamlit as st
 
 from eapcore import render
-from eapcore.evaluate import edges_for_percent
 from eapcore.models import model_graph
 from ui import cache, state, widgets
 
+state.require_entry()
 s = st.session_state
 st.title("Explore")
 if not widgets.need("pairs", "scores"):
     st.stop()
 
 scores, graph = s.scores, s.scores.graph
+unit, total = cache.unit_of(scores), cache.unit_count(scores)
 ready = False
 with state.guard("Cannot explore these scores"):
     model_cfg = model_graph(cache.get_model(s.model_spec)).cfg
     if model_cfg != graph.cfg:
         raise ValueError(f"the scores are for a graph {graph.cfg} but the loaded model's is {model_cfg}; "
                          "load the matching model or run the attribution again")
-    evaluator = cache.get_evaluator(s.model_spec, s.pairs, s.metric)
+    evaluator = cache.get_evaluator(s.model_spec, s.pairs, s.metric, cache.intervention_of(scores))
     baseline = evaluator.baseline()
     ready = True
 if not ready:
     st.stop()
 
-grid = render.log_grid(graph.n_edges)
-if s.get("n_edges") is None or not 0 <= s.n_edges <= graph.n_edges:
-    s.n_edges = min(graph.n_edges, max(edges_for_percent(graph, 5.0), 20))
+grid = render.log_grid(total)
+if s.get("n_edges") is None or not 0 <= s.n_edges <= total:
+    s.n_edges = min(total, max(round(total * 0.05), 20))
 
 
 def snap(n: int) -> int:
@@ -49,18 +50,20 @@ def from_box() -> None:
 
 if s.get("w_n_slider") not in grid:
     s.w_n_slider = snap(s.n_edges)
-s.setdefault("w_n_box", s.n_edges)
+if s.get("w_n_box") is None or s.w_n_box > total:
+    s.w_n_box = s.n_edges
 state.widget_value("w_absolute", "absolute")
 st.caption(f"Scores: {s.scores_label} · data: {s.data_label} ({len(s.pairs)} pairs) · metric `{s.metric}` "
-           f"(clean {baseline.clean:.3f}, corrupted {baseline.corrupted:.3f})")
+           f"(clean {baseline.clean:.3f}, corrupted {baseline.corrupted:.3f}) · intervention `{evaluator.intervention_kind}`")
 
 
 @st.fragment
 def panel() -> None:
     c1, c2, c3 = st.columns([5, 1.2, 1.3])
-    scale = "log scale" if len(grid) < graph.n_edges + 1 else "every size"
-    c1.select_slider(f"Edges in the circuit (top by |score|, {scale})", options=grid, key="w_n_slider", on_change=from_slider)
-    c2.number_input("Exact count", min_value=0, max_value=graph.n_edges, step=1, key="w_n_box", on_change=from_box)
+    scale = "log scale" if len(grid) < total + 1 else "every size"
+    c1.select_slider(f"{unit.capitalize()} in the circuit (top by score, {scale})", options=grid, key="w_n_slider",
+                     on_change=from_slider)
+    c2.number_input("Exact count", min_value=0, max_value=total, step=1, key="w_n_box", on_change=from_box)
     s.absolute = c3.toggle("Rank by |score|", key="w_absolute", help="Off: rank by signed score")
     with state.guard("Evaluation failed"):
         result = cache.evaluate_top_n(evaluator, scores, int(s.n_edges), s.absolute)
@@ -73,12 +76,12 @@ def panel() -> None:
             "Nodes": f"{result.circuit.n_nodes} / {graph.n_forward}",
         })
         if result.circuit.n_edges == 0:
-            st.info("After pruning, no edge of these lies on a path from input to logits: add edges.")
+            st.info("After pruning, none of these lies on a path from input to logits: add more.")
         widgets.show_graph(scores, result.circuit)
         with st.spinner("Computing the faithfulness curve (once per scores and data) ..."):
             mib, fine = cache.get_curves(evaluator, scores, s.scores_key, s.absolute)
-        marker = (100 * result.requested / graph.n_edges, result.faithfulness) if result.requested else None
-        st.plotly_chart(render.curve_figure(mib, fine, marker), width="stretch")
+        marker = (100 * result.requested / total, result.faithfulness) if result.requested else None
+        st.plotly_chart(render.curve_figure(mib, fine, marker, unit), width="stretch")
         widgets.metric_row({"CPR (area under f)": f"{mib.cpr:.4f}", "CMD (area under |1 - f|)": f"{mib.cmd:.4f}"})
 
 

@@ -6,9 +6,9 @@ import streamlit as st
 
 from eapcore import render
 from eapcore.models import model_graph
-from eapcore.select import top_n
 from ui import cache, exports, state, widgets
 
+state.require_entry()
 s = st.session_state
 st.title("Export")
 
@@ -19,12 +19,14 @@ else:
     with state.guard("Export failed"):
         scores = s.scores
         n = s.get("n_edges")
-        n = scores.graph.n_edges if n is None else int(n)
+        unit = cache.unit_of(scores)
+        n = cache.unit_count(scores) if n is None else int(n)
         absolute = s.get("absolute", True)
-        circuit = top_n(scores, n, absolute=absolute)
-        provenance = {**scores.provenance, "selection": {"method": "top_n", "n": n, "absolute": absolute, "pruned": True},
+        circuit = cache.select(scores, n, absolute)
+        how = "top_n" if unit == "edges" else "by_nodes"
+        provenance = {**scores.provenance, "selection": {"method": how, "n": n, "absolute": absolute, "pruned": True},
                       "data_label": s.get("data_label", "")}
-        st.caption(f"{s.scores_label} · top {n:,} edges → {circuit.n_edges:,} edges and {circuit.n_nodes} nodes "
+        st.caption(f"{s.scores_label} · top {n:,} {unit} → {circuit.n_edges:,} edges and {circuit.n_nodes} nodes "
                    "after pruning (set the size on the Explore page).")
         stem = f"circuit_{n}"
         c1, c2, c3, c4 = st.columns(4)
@@ -36,12 +38,12 @@ else:
                            on_click="ignore", icon=":material/image:")
 
         def curve_png() -> bytes:
-            evaluator = cache.get_evaluator(s.model_spec, s.pairs, s.metric)
+            evaluator = cache.get_evaluator(s.model_spec, s.pairs, s.metric, cache.intervention_of(scores))
             mib, fine = cache.get_curves(evaluator, scores, s.scores_key, absolute)
             marker = None
             if n:
-                marker = (100 * n / scores.graph.n_edges, cache.evaluate_top_n(evaluator, scores, n, absolute).faithfulness)
-            return render.curve_png(mib, fine, marker)
+                marker = (100 * n / cache.unit_count(scores), cache.evaluate_top_n(evaluator, scores, n, absolute).faithfulness)
+            return render.curve_png(mib, fine, marker, unit)
 
         c4.download_button("Curve PNG", curve_png, "faithfulness_curve.png", "image/png", on_click="ignore",
                            icon=":material/show_chart:")
@@ -65,12 +67,13 @@ if upload is not None and s.get("import_error"):
 imported = s.get("imported") if upload is not None else None
 if imported:
     with state.guard("Evaluating the imported circuit failed"):
-        evaluator = cache.get_evaluator(s.model_spec, s.pairs, s.metric)
+        evaluator = cache.get_evaluator(s.model_spec, s.pairs, s.metric, cache.intervention_of(imported["scores"]))
         result = cache.evaluate_circuit(evaluator, imported["circuit"])
         graph = imported["scores"].graph
         widgets.metric_row({"Faithfulness": f"{result.faithfulness:.4f}", f"Circuit {s.metric}": f"{result.metric:.4f}",
                             "Edges": f"{result.circuit.n_edges:,} / {graph.n_edges:,}", "Nodes": f"{result.circuit.n_nodes}"})
         widgets.show_graph(imported["scores"], imported["circuit"])
         if st.button("Explore these scores", icon=":material/hub:", key="explore_imported"):
-            state.set_scores(imported["scores"], imported["key"], f"imported {imported['name']}", imported["circuit"].n_edges)
+            size = imported["circuit"].n_nodes if cache.unit_of(imported["scores"]) == "nodes" else imported["circuit"].n_edges
+            state.set_scores(imported["scores"], imported["key"], f"imported {imported['name']}", size)
             st.switch_page("pages/explore.py")

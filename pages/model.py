@@ -7,6 +7,7 @@ import streamlit as st
 from eapcore.models import DTYPES, ModelSpec, model_graph
 from ui import cache, state, widgets
 
+state.require_entry()
 s = st.session_state
 st.title("Model")
 st.caption(

@@ -17,7 +17,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from eapcore.attribute import AttributionSpec, attribute
+from eapcore.attribute import METHODS, AttributionSpec, attribute
 from eapcore.data import PromptPairs, tokenize
 from eapcore.evaluate import CircuitEvaluator
 from eapcore.models import DEMO_MODEL_DIR, ModelSpec, load_model, model_graph
@@ -84,8 +84,9 @@ def metric_value(at: AppTest, label: str) -> str:
     return found[0]
 
 
-def run_attribution(at: AppTest, open_explore: bool = True) -> AppTest:
-    at.switch_page("pages/attribute.py").run()
+def run_attribution(at: AppTest, open_explore: bool = True, switch: bool = True) -> AppTest:
+    if switch:
+        at.switch_page("pages/attribute.py").run()
     at.checkbox(key="w_open_explore").set_value(open_explore)
     at.button(key="run_attribution").click().run()
     assert errors(at) == []
@@ -216,6 +217,32 @@ def test_whole_flow_slider_matches_eapcore(engine) -> None:
     at.number_input(key="w_n_box").set_value(3).run()
     assert at.session_state["n_edges"] == 3
     assert float(metric_value(at, "Faithfulness")) == pytest.approx(evaluator.faithfulness(top_n(reference, 3)), abs=2e-4)
+
+
+def test_node_level_scores_with_a_mean_intervention(engine) -> None:
+    """Other methods, levels and interventions flow through: the slider then counts nodes, and the shown
+    faithfulness is eapcore's for the node-selected circuit under the same intervention."""
+    from eapcore.attribute import LEVELS
+    from eapcore.interventions import INTERVENTIONS
+    from eapcore.select import by_nodes
+
+    assert "node" in LEVELS and "mean" in INTERVENTIONS
+    model, data = engine
+    at = new_app()
+    at.switch_page("pages/attribute.py").run()
+    assert at.selectbox(key="w_method").options == list(METHODS)
+    assert at.selectbox(key="w_intervention").options == list(INTERVENTIONS)
+    at.selectbox(key="w_method").set_value("EAP")
+    at.selectbox(key="w_intervention").set_value("mean")
+    at.selectbox(key="w_level").set_value("node")
+    run_attribution(at, switch=False)
+    scores = at.session_state["scores"]
+    assert scores.provenance["level"] == "node" and scores.provenance["intervention"] == "mean"
+    assert at.select_slider(key="w_n_slider").label.startswith("Nodes in the circuit")
+    at.select_slider(key="w_n_slider").set_value(4).run()
+    evaluator = CircuitEvaluator(model, data, "logit_diff", batch_size=128, intervention="mean")
+    expected = evaluator.faithfulness(by_nodes(scores, 4))
+    assert float(metric_value(at, "Faithfulness")) == pytest.approx(expected, abs=2e-4)
 
 
 def test_same_attribution_again_is_served_from_the_cache(engine) -> None:

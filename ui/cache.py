@@ -45,12 +45,43 @@ def get_data(spec: ModelSpec, pairs: PromptPairs) -> TokenizedPairs:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _evaluator(spec: ModelSpec, fingerprint: str, metric: str, batch_size: int, _pairs: PromptPairs) -> CircuitEvaluator:
-    return CircuitEvaluator(get_model(spec), get_data(spec, _pairs), metric, batch_size)
+def _evaluator(
+    spec: ModelSpec, fingerprint: str, metric: str, intervention: str, batch_size: int, _pairs: PromptPairs
+) -> CircuitEvaluator:
+    return CircuitEvaluator(get_model(spec), get_data(spec, _pairs), metric, batch_size, intervention=intervention)
 
 
-def get_evaluator(spec: ModelSpec, pairs: PromptPairs, metric: str, batch_size: int = EVAL_BATCH) -> CircuitEvaluator:
-    return _evaluator(spec, pairs.fingerprint(), metric, batch_size, pairs)
+def get_evaluator(
+    spec: ModelSpec, pairs: PromptPairs, metric: str, intervention: str = "patching", batch_size: int = EVAL_BATCH
+) -> CircuitEvaluator:
+    """The shared evaluator for (model, data, metric, intervention); what ablated sources carry is
+    computed on first use and kept."""
+    return _evaluator(spec, pairs.fingerprint(), metric, intervention, batch_size, pairs)
+
+
+def intervention_of(scores: Scores) -> str:
+    return str(scores.provenance.get("intervention", "patching"))
+
+
+def unit_of(scores: Scores) -> str:
+    """``edges`` for edge-level scores, ``nodes`` for node- or neuron-level ones (circuits chosen by node)."""
+    level = scores.provenance.get("level", "edge")
+    return "nodes" if level in ("node", "neuron") and scores.nodes is not None else "edges"
+
+
+def unit_count(scores: Scores) -> int:
+    if unit_of(scores) == "nodes":
+        return int((~scores.nodes.isnan()).sum())
+    return scores.graph.n_edges
+
+
+def select(scores: Scores, n: int, absolute: bool = True) -> Circuit:
+    """The top-``n`` circuit (pruned): by edge score, or by node score for node-level scores."""
+    from eapcore.select import by_nodes, top_n
+
+    if unit_of(scores) == "nodes":
+        return by_nodes(scores, n, absolute=absolute)
+    return top_n(scores, n, absolute=absolute)
 
 
 class Store:
@@ -134,10 +165,7 @@ class Evaluation:
 
 def evaluate_top_n(evaluator: CircuitEvaluator, scores: Scores, n: int, absolute: bool = True) -> Evaluation:
     """The top-``n`` circuit (pruned), its mean metric and faithfulness (one evaluation pass)."""
-    from eapcore.select import top_n
-
-    circuit = top_n(scores, n, absolute=absolute)
-    return evaluate_circuit(evaluator, circuit, n)
+    return evaluate_circuit(evaluator, select(scores, n, absolute), n)
 
 
 def evaluate_circuit(evaluator: CircuitEvaluator, circuit: Circuit, requested: int | None = None) -> Evaluation:
@@ -150,14 +178,23 @@ def get_curves(
     evaluator: CircuitEvaluator, scores: Scores, scores_key: str, absolute: bool = True
 ) -> tuple[Curve, Curve]:
     """(MIB curve, finer-grid curve) for these scores on the evaluator's data, computed once."""
-    key = (scores_key, evaluator.data.fingerprint, evaluator.metric.name, evaluator.batch_size, absolute)
+    key = (scores_key, evaluator.data.fingerprint, evaluator.metric.name, evaluator.intervention_kind,
+           evaluator.batch_size, absolute)
     hit = curves().get(key)
     if hit is None:
-        mib = faithfulness_curve(evaluator, scores, MIB_PERCENTS, absolute=absolute)
-        fine = faithfulness_curve(evaluator, scores, fine_percents(), absolute=absolute)
-        hit = (mib, fine)
+        if unit_of(scores) == "edges":
+            hit = tuple(faithfulness_curve(evaluator, scores, p, absolute=absolute) for p in (MIB_PERCENTS, fine_percents()))
+        else:
+            hit = tuple(_node_curve(evaluator, scores, p, absolute) for p in (MIB_PERCENTS, fine_percents()))
         curves().put(key, hit)
     return hit
+
+
+def _node_curve(evaluator: CircuitEvaluator, scores: Scores, percents: tuple[float, ...], absolute: bool) -> Curve:
+    total = unit_count(scores)
+    sizes = [max(1, round(total * p / 100)) if p > 0 else 0 for p in percents]
+    values = [evaluate_circuit(evaluator, select(scores, k, absolute)).faithfulness for k in sizes]
+    return Curve(tuple(percents), tuple(sizes), tuple(values))
 
 
 def model_facts(spec: ModelSpec) -> dict[str, Any]:

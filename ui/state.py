@@ -41,8 +41,19 @@ def default_data() -> tuple[PromptPairs, str, str]:
     return PromptPairs.from_csv(path), f"file: {path.name}", "logit_diff"
 
 
-def ss() -> Any:
-    return st.session_state
+def require_entry() -> None:
+    """Rerun through ``app.py`` when a page was started without it.
+
+    On a freshly started server Streamlit's legacy "pages/ directory" mode runs the first requested
+    page script directly (a folder named ``pages`` sits next to ``app.py``) until some run calls
+    ``st.navigation``. Such a run finds no session defaults; switching the legacy mode off and
+    rerunning sends it through ``app.py`` and its ``st.navigation`` to the same page.
+    """
+    if "model_spec" not in st.session_state:
+        from streamlit.runtime.pages_manager import PagesManager
+
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def init_defaults() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import streamlit as st
@@ -55,3 +56,40 @@ def need(*keys: str) -> bool:
 def metric_row(values: dict[str, Any]) -> None:
     for col, (label, value) in zip(st.columns(len(values)), values.items()):
         col.metric(label, value)
+
+
+@functools.cache
+def favicon_png(size: int = 32) -> bytes:
+    """A small node-and-edge favicon drawn in code, so the browser never fetches one from a CDN."""
+    import struct
+    import zlib
+
+    def inside(x: float, y: float, cx: float, cy: float, r: float) -> bool:
+        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+
+    s = size / 32
+    nodes = [(16 * s, 6 * s, "#ef4444"), (7 * s, 17 * s, "#f59e0b"), (25 * s, 17 * s, "#14b8a6"), (16 * s, 27 * s, "#6b7280")]
+    rows = []
+    for y in range(size):
+        row = bytearray([0])
+        for x in range(size):
+            colour = None
+            for cx, cy, c in nodes:
+                if inside(x + 0.5, y + 0.5, cx, cy, 4.2 * s):
+                    colour = c
+            if colour is None:
+                for (ax, ay, _), (bx, by, _) in ((nodes[3], nodes[1]), (nodes[3], nodes[2]), (nodes[1], nodes[0]), (nodes[2], nodes[0])):
+                    t = max(0.0, min(1.0, ((x - ax) * (bx - ax) + (y - ay) * (by - ay)) / ((bx - ax) ** 2 + (by - ay) ** 2)))
+                    if inside(x + 0.5, y + 0.5, ax + t * (bx - ax), ay + t * (by - ay), 1.3 * s):
+                        colour = "#1d4ed8"
+            if colour is None:
+                row += bytes([0, 0, 0, 0])
+            else:
+                row += bytes(int(colour[i : i + 2], 16) for i in (1, 3, 5)) + b"\xff"
+        rows.append(bytes(row))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b"")
