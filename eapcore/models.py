@@ -1,7 +1,10 @@
 """Load a decoder language model as a TransformerLens 4.x ``TransformerBridge`` ready for EAP.
 
-One place sets the EAP hook flags (per-head results, split q/k/v inputs, MLP-input hook), freezes
-the weights, and maps the model onto a :class:`~eapcore.graph.Graph`.
+One place (:func:`prepare_model`) sets the EAP hook flags (per-head results, split q/k/v inputs,
+MLP-input hook), ungroups grouped-query attention so that every query head has its own k and v input
+(:func:`ungroup_kv_heads`, the EAP-IG convention), freezes the weights, refuses architectures that do
+not fit the graph (:class:`UnsupportedModelError`, :func:`check_model`), and maps the model onto a
+:class:`~eapcore.graph.Graph`. Supported and refused families: docs/families.md.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 from eapcore.graph import Graph, GraphConfig
+from eapcore.sites import destinations, per_column, source_major, sources
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_MODEL_DIR = ASSETS / "models" / "demo"
@@ -86,20 +91,254 @@ def load_model(spec: ModelSpec | str = "demo", device: str | None = None, dtype:
         model = TransformerBridge.boot_transformers(source, device=spec.device or default_device(), dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"could not load model {spec.name!r}: {e}") from e
+    except (AttributeError, NotImplementedError) as e:  # e.g. CodeGen: the bridge cannot wrap the model
+        raise UnsupportedModelError(
+            f"could not load model {spec.name!r}: TransformerLens could not build a bridge for it ({type(e).__name__}: "
+            f"{e}). Supported families: {', '.join(sorted(VERIFIED_ARCHITECTURES))} (see docs/families.md)"
+        ) from e
     return prepare_model(model)
 
 
-def prepare_model(model: Any) -> Any:
-    """Set the EAP hook flags, freeze the weights and switch to eval mode; returns ``model``."""
-    if getattr(model.cfg, "n_key_value_heads", None) and model.cfg.n_key_value_heads != model.cfg.n_heads:
-        model.cfg.ungroup_grouped_query_attention = True
-    model.set_use_attn_result(True)
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
+class UnsupportedModelError(ValueError):
+    """The model's architecture cannot be mapped exactly onto the EAP graph; the message says why."""
+
+
+# Families whose attribution and evaluation are checked against independent computations on tiny random
+# configs in tests/test_families.py (see docs/families.md).
+VERIFIED_ARCHITECTURES = frozenset({
+    "GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM", "GemmaForCausalLM", "Phi3ForCausalLM", "OlmoForCausalLM", "Starcoder2ForCausalLM",
+    "GPTBigCodeForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
+})
+
+_POST_NORM = (
+    "normalizes each attention and MLP output before adding it to the residual stream (post-sublayer "
+    "norms), so the residual stream is not the sum of the per-head and MLP outputs and an edge has no "
+    "exact meaning"
+)
+_SHARED_NORM = (
+    "runs attention and MLP in parallel from one shared input norm; TransformerLens 4.3's bridge then "
+    "has no separate MLP-input hook (hook_mlp_in never fires), so MLP input edges cannot be patched"
+)
+_NO_RESULT = (
+    "uses an attention bridge without per-head results (use_attn_result) or split q/k/v inputs in "
+    "TransformerLens 4.3"
+)
+# Checked with tiny random configs (tests/test_families.py checks a representative subset).
+REFUSED_ARCHITECTURES: dict[str, str] = {
+    "Gemma2ForCausalLM": _POST_NORM,
+    "Gemma3ForCausalLM": _POST_NORM,
+    "Gemma3ForConditionalGeneration": _POST_NORM,
+    "Olmo2ForCausalLM": _POST_NORM,
+    "Olmo3ForCausalLM": _POST_NORM,
+    "PhiForCausalLM": _SHARED_NORM,
+    "FalconForCausalLM": _SHARED_NORM,
+    "CohereForCausalLM": _SHARED_NORM,
+    "GPTJForCausalLM": _NO_RESULT,
+    "OPTForCausalLM": _NO_RESULT,
+    "GPTNeoForCausalLM": _NO_RESULT,
+    "BloomForCausalLM": "never fires hook_mlp_in with the EAP flags on in TransformerLens 4.3 (Bloom block bridge)",
+    "MptForCausalLM": "never fires the split q/k/v input hooks in TransformerLens 4.3 (ALiBi attention bridge)",
+    "StableLmForCausalLM": (
+        "is computed differently by TransformerLens 4.3's bridge than by Hugging Face (logits differ by "
+        "~0.6 on a tiny random model, even without the EAP hook flags)"
+    ),
+}
+
+
+def architecture(model: Any) -> str:
+    """The Hugging Face architecture name of a bridge, e.g. ``LlamaForCausalLM``."""
+    name = getattr(model.cfg, "architecture", None)
+    if not name and getattr(model, "original_model", None) is not None:
+        name = type(model.original_model).__name__
+    return str(name or "unknown")
+
+
+def _refuse(model: Any, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{architecture(model)} is not supported for edge attribution: it {why}. Supported families: "
+        f"{', '.join(sorted(VERIFIED_ARCHITECTURES))} (see docs/families.md)"
+    )
+
+
+def prepare_model(model: Any, check: bool = True) -> Any:
+    """Make a ``TransformerBridge`` EAP-ready in place and return it.
+
+    Sets the EAP hook flags (per-head results, split q/k/v inputs, MLP-input hook), ungroups grouped-
+    query attention (:func:`ungroup_kv_heads`), freezes the weights and switches to eval mode. Refuses
+    families known not to fit the graph (:data:`REFUSED_ARCHITECTURES`) with
+    :class:`UnsupportedModelError`; with ``check`` (the default) it then runs :func:`check_model` on a
+    short probe input, which refuses any other architecture whose hooks do not fire, whose residual
+    stream is not the sum of the graph's source outputs, or whose output the preparation changed.
+    Architectures that pass but are not in :data:`VERIFIED_ARCHITECTURES` get a warning.
+    """
+    arch = architecture(model)
+    if arch in REFUSED_ARCHITECTURES:
+        raise _refuse(model, REFUSED_ARCHITECTURES[arch])
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
+    tokens = _probe_tokens(model)
+    with torch.no_grad():
+        before = model(tokens) if check else None
+    try:
+        model.set_use_attn_result(True)
+        model.set_use_split_qkv_input(True)
+        model.set_use_hook_mlp_in(True)
+    except (NotImplementedError, ValueError) as e:
+        raise _refuse(model, f"cannot switch on the EAP hooks ({e})") from e
+    ungroup_kv_heads(model)
+    if check:
+        check_model(model, tokens, before)
+    if arch not in VERIFIED_ARCHITECTURES:
+        warnings.warn(
+            f"{arch} passed eapcore's hook and additivity checks but is not among the verified families "
+            f"({', '.join(sorted(VERIFIED_ARCHITECTURES))}); treat its scores with care (docs/families.md)",
+            stacklevel=2,
+        )
     return model
+
+
+def ungroup_kv_heads(model: Any) -> None:
+    """Give every query head its own key/value projection, so that k/v inputs are per query head.
+
+    Decision (issue #5): the graph has one ``<k>`` and one ``<v>`` edge per *query* head, as EAP-IG has
+    with TransformerLens 3's ``ungroup_grouped_query_attention``; graphs and exported files of grouped-
+    query (GQA) and multi-query models are then the same as the reference's. TransformerLens 4's
+    bridge has no such flag (its ``hook_k_input``/``hook_v_input`` carry one slice per key/value head),
+    so this repeats each key/value head's projection rows (and biases) once per query head of its group,
+    as the ungrouping did: the model computes exactly the same function, with ``n_key_value_heads ==
+    n_heads``, at the cost of ``n_heads / n_key_value_heads`` times the k/v projection weights and
+    compute. A no-op for models without grouped heads (and on a second call).
+    """
+    cfg = model.cfg
+    n_heads = int(cfg.n_heads)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    if n_kv == n_heads:
+        return
+    if n_heads % n_kv:
+        raise _refuse(model, f"has {n_heads} query heads, not a multiple of its {n_kv} key/value heads")
+    rep = n_heads // n_kv
+    configs = {id(cfg): cfg}
+    for block in model.blocks:
+        attn = block.attn
+        hf_attn = getattr(attn, "original_component", None)
+        shared = False
+        for which in ("k", "v"):
+            linear = getattr(getattr(attn, which, None), "original_component", None)
+            weight = getattr(linear, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] % n_kv:
+                raise _refuse(model, f"has grouped key/value heads whose {which} projection eapcore cannot ungroup")
+            d_head = weight.shape[0] // n_kv
+            with torch.no_grad():
+                linear.weight = torch.nn.Parameter(
+                    weight.reshape(n_kv, d_head, -1).repeat_interleave(rep, 0).reshape(n_heads * d_head, -1),
+                    requires_grad=False,
+                )
+                if getattr(linear, "bias", None) is not None:
+                    linear.bias = torch.nn.Parameter(linear.bias.reshape(n_kv, d_head).repeat_interleave(rep, 0).flatten(), requires_grad=False)
+            if hasattr(linear, "out_features"):
+                linear.out_features = n_heads * d_head
+            shared = shared or (hf_attn is not None and any(m is linear for m in hf_attn.modules()))
+        if shared:  # separate k/v projections that the Hugging Face module uses too: it is now MHA as well
+            if hasattr(hf_attn, "num_key_value_groups"):
+                hf_attn.num_key_value_groups = 1
+            if hasattr(hf_attn, "num_key_value_heads"):
+                hf_attn.num_key_value_heads = n_heads
+            hf_cfg = getattr(hf_attn, "config", None)
+            if hf_cfg is not None and getattr(hf_cfg, "num_key_value_heads", None) == n_kv:
+                hf_cfg.num_key_value_heads = n_heads
+        for module in (block, attn):
+            sub = getattr(module, "config", None)
+            if sub is not None and hasattr(sub, "n_key_value_heads"):
+                configs[id(sub)] = sub
+    for sub in configs.values():
+        sub.n_key_value_heads = n_heads
+    cfg.ungroup_grouped_query_attention = True  # marks the model as ungrouped, as EAP-IG expects
+
+
+def _probe_tokens(model: Any) -> torch.Tensor:
+    """Two different 6-token sequences (the same positions), on the embedding's device."""
+    d_vocab = int(model.cfg.d_vocab)
+    tokens = (torch.arange(12).reshape(2, 6) * 7 + 3) % d_vocab
+    try:
+        device = model.embed.W_E.device
+    except AttributeError:
+        device = model_device(model)
+    return tokens.to(device)
+
+
+# Relative tolerances of check_model: for sums of the same run's activations, and for logits computed
+# along the plain and the hooked path (which may round differently, e.g. float32 softmaxes).
+_SUM_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+_LOGIT_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+def check_model(model: Any, tokens: torch.Tensor | None = None, reference_logits: torch.Tensor | None = None) -> None:
+    """Check on a probe input that ``model`` (EAP flags on) fits its graph; raise :class:`UnsupportedModelError`.
+
+    Every source and destination hook must fire with the graph's shape (k/v inputs one slice per query
+    head), and every destination input, minus the sum of the source outputs it reads in the graph, must
+    not depend on the input (only on the position: positional embeddings, biases). That is exactly what
+    edge attribution and circuit evaluation assume; it fails for post-sublayer norms (Gemma-2), scaled
+    residual streams, or a wrong parallel attention/MLP flag. With ``reference_logits`` (the same
+    ``tokens`` before preparation), the output must not have changed.
+    """
+    graph = model_graph(model)
+    tokens = _probe_tokens(model) if tokens is None else tokens
+    dtype = model_dtype(model)
+    tol = _SUM_TOL.get(dtype, 1e-1)
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(t: torch.Tensor, hook: Any) -> None:
+            store[name] = t.detach().to("cpu", torch.float64 if dtype == torch.float64 else torch.float32, copy=True)
+        return hook
+
+    srcs, dsts = sources(graph), destinations(graph)
+    names = list(dict.fromkeys([s.hook for s in srcs] + [d.hook for d in dsts]))
+    try:
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(n, keep(n)) for n in names])
+    except KeyError as e:
+        raise _refuse(model, f"lacks a hook that EAP needs ({e})") from e
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise _refuse(model, f"never fires the hooks {', '.join(missing)} with the EAP flags on")
+    B, P = tokens.shape
+    outs = []
+    for s in srcs:
+        t = store[s.hook]
+        n = s.rows.stop - s.rows.start
+        expected = (B, P, graph.cfg.d_model) if n == 1 and t.dim() == 3 else (B, P, n, graph.cfg.d_model)
+        if tuple(t.shape) != expected:
+            raise _refuse(model, f"fires {s.hook} with shape {tuple(t.shape)}, not {expected}")
+        outs.append(source_major(t))
+    prefix = torch.cat(outs).cumsum(0)  # prefix[k - 1] = sum of the first k source outputs
+    bad = []
+    for d in dsts:
+        x = per_column(store[d.hook])
+        n = d.cols.stop - d.cols.start
+        if tuple(x.shape) != (B, P, n, graph.cfg.d_model):
+            raise _refuse(
+                model,
+                f"fires {d.hook} with shape {tuple(store[d.hook].shape)}, not {n} slice(s) of d_model (was it prepared "
+                "with eapcore.models.prepare_model, which ungroups key/value heads?)",
+            )
+        rest = x - prefix[d.prev - 1].unsqueeze(2)
+        if float((rest[0] - rest[1]).abs().max()) > tol * max(float(x.abs().max()), 1e-30):
+            bad.append(d.hook)
+    if bad:
+        raise _refuse(
+            model,
+            "does not write a residual stream that is the sum of its embeddings, per-head attention results "
+            f"and MLP outputs (checked at {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); e.g. it normalizes "
+            "or rescales sub-layer outputs before adding them",
+        )
+    if reference_logits is not None:
+        err = float((logits.detach().cpu().double() - reference_logits.detach().cpu().double()).abs().max())
+        if err > _LOGIT_TOL.get(dtype, 0.25) * max(float(reference_logits.abs().max()), 1.0):
+            raise _refuse(model, f"computes different logits with the EAP hooks on (max difference {err:.3g})")
 
 
 def model_graph(model: Any) -> Graph:

@@ -13,20 +13,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]
 
 
-def save_tiny_gpt2(path: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 8, seed: int = 0) -> Path:
-    """A random ``GPT2LMHeadModel`` and a word-level tokenizer, written with ``save_pretrained``."""
+def tiny_tokenizer():
+    """The word-level tokenizer of the tiny models: ``<|endoftext|>`` (BOS/EOS, id 0), ``<unk>``, ``<pad>``, a-l."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", "<pad>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<pad>"
     )
+
+
+def save_with_tiny_tokenizer(path: Path, hf_model) -> Path:
+    """``save_pretrained`` any Hugging Face causal LM (vocabulary of at least 15) with :func:`tiny_tokenizer`."""
+    hf_model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_tiny_gpt2(path: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 8, seed: int = 0) -> Path:
+    """A random ``GPT2LMHeadModel`` and a word-level tokenizer, written with ``save_pretrained``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=len(vocab), n_positions=16,
+        n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=len(tiny_tokenizer()), n_positions=16,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(cfg).eval()
@@ -34,9 +47,7 @@ def save_tiny_gpt2(path: Path, n_layer: int = 2, n_head: int = 2, n_embd: int = 
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.5)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_with_tiny_tokenizer(path, model)
 
 
 @pytest.fixture(scope="session")

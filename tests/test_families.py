@@ -1,0 +1,390 @@
+"""Model families (issue #5): each verified family, as a tiny random Hugging Face model, against ground truth
+computed here with plain forward hooks only (no eapcore.sites, no score or patch machinery):
+
+* EAP score of edge (u, v) = d/dε[u, v] at ε = 0 of the loss of the clean run in which each destination
+  input v gets Σ_u ε[u, v]·(a_u(corrupted) − a_u(clean)) added; at ε = 0 each partial derivative is that
+  of patching the edge (u, v) alone (exact, by autograd on ε; every edge of the graph is compared);
+* a circuit's metric = the clean run in which every destination input gets Σ over its removed parents of
+  (a_u(corrupted) − a_u(actual, this run)), patched by hand from node names.
+
+Grouped-query (GQA) and multi-query models are ungrouped on loading (one k/v input per query head, as in
+EAP-IG), which the tests check too. Refused families must fail with a clear UnsupportedModelError.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+import transformers
+
+from eapcore.attribute import AttributionSpec, attribute
+from eapcore.circuit import Circuit
+from eapcore.data import tokenize
+from eapcore.evaluate import CircuitEvaluator
+from eapcore.metrics import get_metric, readout
+from eapcore.models import (
+    REFUSED_ARCHITECTURES,
+    VERIFIED_ARCHITECTURES,
+    UnsupportedModelError,
+    check_model,
+    load_model,
+    model_graph,
+    prepare_model,
+    ungroup_kv_heads,
+)
+
+from conftest import save_with_tiny_tokenizer, tiny_tokenizer
+
+V = len(tiny_tokenizer()) + 1
+TOKENS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=2)
+BASE = dict(
+    vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=32, **TOKENS,
+)
+GQA = dict(BASE, num_key_value_heads=2)
+
+# name: (config class, model class, config kwargs, parallel attention/MLP, key/value heads before ungrouping)
+FAMILIES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_positions=32, **TOKENS), False, 4),
+    "pythia": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, rotary_pct=0.5), True, 4),
+    "neox-sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, use_parallel_residual=False), False, 4),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", GQA, False, 2),
+    "mistral": ("MistralConfig", "MistralForCausalLM", GQA, False, 2),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", GQA, False, 2),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(GQA, head_dim=4), False, 2),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(BASE, num_key_value_heads=1, head_dim=4), False, 1),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", GQA, False, 2),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", BASE, False, 4),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", GQA, False, 2),
+    "gpt-bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_positions=32, multi_query=True, **TOKENS), False, 1),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(GQA, residual_multiplier=0.5, embedding_multiplier=2.0), False, 2),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", GQA, False, 2),
+}
+
+SEEDS = {"gpt-bigcode": 1}  # where seed 0 gives a model on which the corruption hardly matters
+
+# name: (config class, model class, config kwargs, words expected in the refusal)
+REFUSED = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(GQA, head_dim=4), "post-sublayer norms"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", BASE, "post-sublayer norms"),
+    "phi": ("PhiConfig", "PhiForCausalLM", BASE, "hook_mlp_in never fires"),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(BASE, ffn_dim=32, word_embed_proj_dim=16), "per-head results"),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", GQA, "differ"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread, above all on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _hf_model(config_cls: str, model_cls: str, kwargs: dict, seed: int = 0):
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    with torch.no_grad():  # larger than the default init (biases and norm weights too), so scores are not tiny
+        for p in hf.parameters():
+            p.normal_(0, 0.5) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.3)
+    return hf
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    name = request.param
+    config_cls, model_cls, kwargs, parallel, n_kv = FAMILIES[name]
+    hf = _hf_model(config_cls, model_cls, kwargs, seed=SEEDS.get(name, 0))
+    path = save_with_tiny_tokenizer(tmp_path_factory.mktemp(name), hf)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(str(path), device="cpu", dtype="float64")
+    assert not [w for w in caught if "verified" in str(w.message)]  # a verified family loads without a warning
+    return name, path, model
+
+
+@pytest.fixture(scope="module")
+def data(family, pairs):
+    return tokenize(pairs, family[2].tokenizer)
+
+
+# ----- independent helpers: hook names from node names, plain forward hooks -----
+def _source_site(name: str) -> tuple[str, int | None]:
+    if name == "input":
+        return "hook_embed", None
+    if m := re.fullmatch(r"a(\d+)\.h(\d+)", name):
+        return f"blocks.{m[1]}.attn.hook_result", int(m[2])
+    return f"blocks.{name[1:]}.hook_mlp_out", None
+
+
+def _destination_site(name: str, n_layers: int) -> tuple[str, int | None]:
+    if name == "logits":
+        return f"blocks.{n_layers - 1}.hook_resid_post", None
+    if m := re.fullmatch(r"a(\d+)\.h(\d+)<([qkv])>", name):
+        return f"blocks.{m[1]}.hook_{m[3]}_input", int(m[2])
+    return f"blocks.{name[1:]}.hook_mlp_in", None
+
+
+def _source_outputs(model, graph, tokens) -> dict[str, torch.Tensor]:
+    """Every source node's output ``[batch pos d_model]`` on ``tokens``, by node name."""
+    store = {}
+
+    def keep(name, head):
+        def hook(t, hook):
+            store[name] = (t if head is None else t[:, :, head]).detach().clone()
+        return hook
+
+    hooks = [(site[0], keep(n, site[1])) for n in graph.src_nodes for site in [_source_site(n)]]
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=hooks)
+    return store
+
+
+def _add_at(head: int | None, extra: torch.Tensor):
+    def hook(t, hook):
+        if head is None:
+            return t + extra
+        pad = torch.zeros_like(t)
+        pad[:, :, head] = 1
+        return t + pad * extra.unsqueeze(2)
+    return hook
+
+
+def _edge_gradients(model, graph, batch, delta) -> torch.Tensor:
+    """d loss / dε[u, v] at ε = 0 for every edge, where v's input gets Σ_u ε[u, v]·Δ_u added (loss summed
+    over the batch). At ε = 0 each partial derivative is that of patching the one edge (u, v) alone."""
+    metric = get_metric("logit_diff")
+    eps = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64, requires_grad=True)
+    stacked = torch.stack([delta[u] for u in graph.src_nodes])  # [n_forward batch pos d_model]
+    hooks = []
+    for col, v in enumerate(graph.dst_nodes):
+        site, head = _destination_site(v, graph.cfg.n_layers)
+        parents = [r for r in range(graph.n_forward) if graph.real_edge_mask[r, col]]
+
+        def perturb(t, hook, col=col, head=head, parents=parents):
+            return _add_at(head, torch.einsum("u,ubpd->bpd", eps[parents, col], stacked[parents]))(t, hook)
+        hooks.append((site, perturb))
+    with torch.enable_grad():
+        logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+        (grad,) = torch.autograd.grad(metric.loss(readout(logits, batch.lengths), batch), eps)
+    assert not grad[~graph.real_edge_mask].any()
+    return grad
+
+
+def _hand_patched(model, graph, batch, keep: torch.Tensor) -> torch.Tensor:
+    """Per-example logit difference with every edge outside ``keep`` carrying the corrupted output."""
+    corrupted = _source_outputs(model, graph, batch.corrupted)
+    actual: dict[str, torch.Tensor] = {}
+    hooks = []
+    for u in graph.src_nodes:
+        site, head = _source_site(u)
+
+        def record(t, hook, u=u, head=head):
+            actual[u] = t if head is None else t[:, :, head]
+        hooks.append((site, record))
+    for col, v in enumerate(graph.dst_nodes):
+        removed = [graph.src_nodes[r] for r in range(graph.n_forward) if graph.real_edge_mask[r, col] and not keep[r, col]]
+        if not removed:
+            continue
+        site, head = _destination_site(v, graph.cfg.n_layers)
+
+        def patch(t, hook, removed=removed, head=head):
+            return _add_at(head, sum(corrupted[u] - actual[u] for u in removed))(t, hook)
+        hooks.append((site, patch))
+    with torch.no_grad():
+        logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+    return get_metric("logit_diff")(readout(logits, batch.lengths), batch)
+
+
+def _sample_edges(graph, n: int, seed: int) -> list[tuple[int, int]]:
+    rows, cols = graph.real_edge_mask.nonzero(as_tuple=True)
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n]
+    return [(int(rows[i]), int(cols[i])) for i in pick]
+
+
+# ----- tests -----
+def test_verified_list_is_what_is_tested():
+    assert VERIFIED_ARCHITECTURES == {spec[1] for spec in FAMILIES.values()}
+    assert not VERIFIED_ARCHITECTURES & set(REFUSED_ARCHITECTURES)
+
+
+def test_graph_matches_the_config_and_the_count_formula(family):
+    name, _, model = family
+    _, _, kwargs, parallel, _ = FAMILIES[name]
+    graph = model_graph(model)
+    L, H = 2, 4
+    assert (graph.cfg.n_layers, graph.cfg.n_heads, graph.cfg.parallel_attn_mlp, graph.cfg.d_model) == (L, H, parallel, 16)
+    n_forward = 1 + L * (H + 1)
+    n_edges = n_forward + sum(
+        3 * H * (1 + l * (H + 1)) + (1 + l * (H + 1) + (0 if parallel else H)) for l in range(L)
+    )
+    assert (graph.n_forward, graph.n_backward, graph.n_edges) == (n_forward, L * (3 * H + 1) + 1, n_edges)
+
+
+def test_logits_equal_hugging_face(family):
+    """Hooks on, GQA ungrouped: still the model's own function (eager HF attention as the reference)."""
+    name, path, model = family
+    hf = getattr(transformers, FAMILIES[name][1]).from_pretrained(path, dtype=torch.float64, attn_implementation="eager").eval()
+    tokens = torch.tensor([[0, 3, 4, 5, 6, 7, 8], [0, 9, 10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        ours, expected = model(tokens), hf(tokens).logits
+    # the bridge computes some softmaxes in float32 where eager HF does not
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_hooks_add_up(family):
+    """Per-head results (+ b_O) sum to the attention output; the logits' input is the sum of the source
+    outputs plus constants (positional embeddings, output biases); q/k/v inputs are per-query-head copies
+    of the residual stream."""
+    name, _, model = family
+    L, H = 2, 4
+    tokens = torch.tensor([[0, 3, 4, 5, 6], [0, 7, 8, 9, 10]])
+    names = ["hook_embed", f"blocks.{L - 1}.hook_resid_post"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_dict else [])
+    for l in range(L):
+        names += [f"blocks.{l}.{h}" for h in ("attn.hook_result", "hook_attn_out", "hook_mlp_out", "hook_resid_pre")]
+        names += [f"blocks.{l}.hook_{w}_input" for w in "qkv"]
+    store = {}
+
+    def keep(n):
+        def hook(t, hook):
+            store[n] = t.detach().clone()
+        return hook
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(n, keep(n)) for n in names])
+    total = store["hook_embed"] + store.get("hook_pos_embed", 0)
+    for l in range(L):
+        b_O = model.blocks[l].attn.b_O
+        heads = store[f"blocks.{l}.attn.hook_result"].sum(2) + (0 if b_O is None else b_O)
+        torch.testing.assert_close(heads, store[f"blocks.{l}.hook_attn_out"], rtol=1e-10, atol=1e-10)
+        total = total + heads + store[f"blocks.{l}.hook_mlp_out"]
+        for w in "qkv":
+            x = store[f"blocks.{l}.hook_{w}_input"]
+            assert x.shape == (2, 5, H, 16)
+            torch.testing.assert_close(x, store[f"blocks.{l}.hook_resid_pre"].unsqueeze(2).expand_as(x), rtol=0, atol=0)
+    torch.testing.assert_close(total, store[f"blocks.{L - 1}.hook_resid_post"], rtol=1e-10, atol=1e-10)
+
+
+def test_key_value_inputs_are_per_query_head(family):
+    """After ungrouping, a k (or v) input edit for query head 0 changes head 0's result only, although
+    head 1 shared its key/value head before ungrouping."""
+    name, _, model = family
+    grouped = FAMILIES[name][4] < 4
+    assert model.cfg.n_key_value_heads in (None, 4) and getattr(model.cfg, "ungroup_grouped_query_attention", False) == grouped
+    tokens = torch.tensor([[0, 3, 4, 5, 6, 7]])
+    edit = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    results = {}
+
+    def keep(key):
+        def hook(t, hook):
+            results[key] = t.detach().clone()
+        return hook
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_result", keep("clean"))])
+        for which in "kv":
+            model.run_with_hooks(
+                tokens, fwd_hooks=[(f"blocks.1.hook_{which}_input", _add_at(0, edit)), ("blocks.1.attn.hook_result", keep(which))]
+            )
+    for which in "kv":
+        change = (results[which] - results["clean"]).abs().amax(dim=(0, 1, 3))
+        assert change[0] > 1e-3 and float(change[1:].max()) == 0.0, (which, change)
+
+
+def test_eap_scores_equal_exact_edge_derivatives(family, data):
+    name, _, model = family
+    graph = model_graph(model)
+    ours = attribute(model, data, AttributionSpec(method="EAP", batch_size=3)).edges
+    (batch,) = data.batches(len(data))
+    clean, corrupted = _source_outputs(model, graph, batch.clean), _source_outputs(model, graph, batch.corrupted)
+    expected = _edge_gradients(model, graph, batch, {u: corrupted[u] - clean[u] for u in graph.src_nodes}) / len(data)
+    scale = float(expected.abs().max())
+    assert scale > 1e-3 and int((expected.abs() > 1e-3 * scale).sum()) > graph.n_edges // 2  # not vacuous
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9 * scale)
+    # the k (and v) edges of two query heads that shared a key/value head are scored separately
+    for which in "kv":
+        h0, h1 = (expected[:, graph.dst_index[f"a1.h{h}<{which}>"]] for h in (0, 1))
+        assert float((h0 - h1).abs().max()) > 1e-3 * scale
+
+
+def test_full_circuit_is_clean_and_empty_is_corrupted(family, data):
+    name, path, model = family
+    evaluator = CircuitEvaluator(model, data, batch_size=3)
+    base = evaluator.baseline()
+    assert abs(base.clean - base.corrupted) > 0.1
+    assert evaluator.evaluate(Circuit.full(evaluator.graph)).mean().item() == pytest.approx(base.clean, abs=1e-5)
+    assert evaluator.evaluate(Circuit.empty(evaluator.graph)).mean().item() == pytest.approx(base.corrupted, abs=1e-5)
+
+
+def test_edge_removals_equal_hand_patching(family, data):
+    name, _, model = family
+    graph = model_graph(model)
+    evaluator = CircuitEvaluator(model, data, batch_size=len(data))
+    (batch,) = data.batches(len(data))
+    full = evaluator.evaluate(Circuit.full(graph))
+    nodes = torch.ones(graph.n_forward, dtype=torch.bool)
+    changed = 0
+    edges = [  # k and v edges of a query head that shared its key/value head, an MLP input, a random edge
+        (graph.src_index["a0.h2"], graph.dst_index["a1.h1<k>"]),
+        (graph.src_index["input"], graph.dst_index["a1.h0<v>"]),
+        (graph.src_index["a0.h3"], graph.dst_index["m1"]),
+        _sample_edges(graph, 1, seed=2)[0],
+    ]
+    for r, c in edges:
+        keep = graph.real_edge_mask.clone()
+        keep[r, c] = False
+        expected = _hand_patched(model, graph, batch, keep)
+        _assert_metrics_equal(evaluator.evaluate(Circuit(graph, keep, nodes)), expected)
+        changed += int((expected - full.double()).abs().max() > 1e-3)
+    assert changed >= len(edges) // 2
+    keep = graph.real_edge_mask & (torch.rand(graph.real_edge_mask.shape, generator=torch.Generator().manual_seed(3)) < 0.5)
+    _assert_metrics_equal(evaluator.evaluate(Circuit(graph, keep, nodes)), _hand_patched(model, graph, batch, keep))
+
+
+def _assert_metrics_equal(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    """To float64 precision, or to float32's where the evaluator rounds its per-example metrics."""
+    tol = 1e-9 if ours.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ours.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_unsupported_families_are_refused(name, tmp_path):
+    config_cls, model_cls, kwargs, words = REFUSED[name]
+    path = save_with_tiny_tokenizer(tmp_path, _hf_model(config_cls, model_cls, kwargs))
+    with pytest.raises(UnsupportedModelError, match=f"{model_cls} is not supported") as info:
+        load_model(str(path), device="cpu", dtype="float64")
+    assert words in str(info.value) and "docs/families.md" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "olmo2", "phi"])
+def test_the_generic_check_finds_what_the_list_refuses(name, tmp_path):
+    """Without the list of refused families, :func:`check_model` still refuses them on a probe input."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    config_cls, model_cls, kwargs, _ = REFUSED[name]
+    path = save_with_tiny_tokenizer(tmp_path, _hf_model(config_cls, model_cls, kwargs))
+    model = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float64)
+    model.set_use_attn_result(True)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    ungroup_kv_heads(model)
+    with pytest.raises(UnsupportedModelError, match="residual stream|never fires"):
+        check_model(model)
+
+
+def test_unverified_families_that_pass_the_check_load_with_a_warning(tmp_path, monkeypatch):
+    import eapcore.models
+
+    config_cls, model_cls, kwargs, _, _ = FAMILIES["llama"]
+    path = save_with_tiny_tokenizer(tmp_path, _hf_model(config_cls, model_cls, kwargs))
+    monkeypatch.setattr(eapcore.models, "VERIFIED_ARCHITECTURES", frozenset())
+    with pytest.warns(UserWarning, match="not among the verified families"):
+        model = load_model(str(path), device="cpu", dtype="float32")
+        prepare_model(model)  # a second preparation is harmless: already ungrouped
+    assert model.cfg.n_key_value_heads == 4
