@@ -57,8 +57,9 @@ st.caption(f"Scores: {s.scores_label} · data: {s.data_label} ({len(s.pairs)} pa
            f"(clean {baseline.clean:.3f}, corrupted {baseline.corrupted:.3f}) · intervention `{evaluator.intervention_kind}`")
 
 
-@st.fragment
 def panel() -> None:
+    # Not a fragment on purpose: a slider move is then a full rerun, which Streamlit lets interrupt a
+    # running curve computation (fragment reruns wait for the current run to finish).
     c1, c2, c3 = st.columns([5, 1.2, 1.3])
     scale = "log scale" if len(grid) < total + 1 else "every size"
     c1.select_slider(f"{unit.capitalize()} in the circuit (top by score, {scale})", options=grid, key="w_n_slider",
@@ -78,8 +79,13 @@ def panel() -> None:
         if result.circuit.n_edges == 0:
             st.info("After pruning, none of these lies on a path from input to logits: add more.")
         widgets.show_graph(scores, result.circuit)
-        with st.spinner("Computing the faithfulness curve (once per scores and data) ..."):
-            mib, fine = cache.get_curves(evaluator, scores, s.scores_key, s.absolute)
+        bar = st.empty()
+
+        def progress(done: int, todo: int) -> None:
+            bar.progress(done / todo, text=f"Faithfulness curve: circuit {done + 1} of {todo} (once per scores and data)")
+
+        mib, fine = cache.get_curves(evaluator, scores, s.scores_key, s.absolute, progress)
+        bar.empty()
         marker = (100 * result.requested / total, result.faithfulness) if result.requested else None
         st.plotly_chart(render.curve_figure(mib, fine, marker, unit), width="stretch")
         widgets.metric_row({"CPR (area under f)": f"{mib.cpr:.4f}", "CMD (area under |1 - f|)": f"{mib.cmd:.4f}"})

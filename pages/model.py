@@ -51,5 +51,7 @@ with state.guard("Could not load the model"):
     if s.get("pairs") is not None:
         with state.guard("The current data does not fit this model"):
             data = cache.get_data(s.model_spec, s.pairs)
-            st.success(f"Data ready: {s.data_label}, {len(data)} pairs.", icon=":material/check_circle:")
+            base = cache.get_evaluator(s.model_spec, s.pairs, s.metric).baseline()  # also warms the evaluator
+            st.success(f"Data ready: {s.data_label}, {len(data)} pairs; {s.metric} clean {base.clean:.3f}, "
+                       f"corrupted {base.corrupted:.3f}.", icon=":material/check_circle:")
     st.page_link("pages/data.py", label="Next: data", icon=":material/arrow_forward:")

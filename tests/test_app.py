@@ -8,6 +8,7 @@ random GPT-2 and eight toy pairs (the assertions are the same).
 from __future__ import annotations
 
 import io
+import os
 import json
 import threading
 from pathlib import Path
@@ -19,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from eapcore.attribute import METHODS, AttributionSpec, attribute
 from eapcore.data import PromptPairs, tokenize
-from eapcore.evaluate import CircuitEvaluator
+from eapcore.evaluate import CircuitEvaluator, faithfulness_curve
 from eapcore.models import DEMO_MODEL_DIR, ModelSpec, load_model, model_graph
 from eapcore.select import top_n
 from eapcore.tasks import TASKS
@@ -59,6 +60,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("EAPCORE_APP_DEVICE", "cpu")
     yield model, csv
     mp.undo()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_on_small_machines():
+    """The app uses one torch thread on <= 2 cores (ui.cache.configure_threads); so do the references here."""
+    before = torch.get_num_threads()
+    if (os.cpu_count() or 1) <= 2:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +209,9 @@ def test_whole_flow_slider_matches_eapcore(engine) -> None:
     assert torch.allclose(app_scores.edges, reference.edges, atol=1e-5, rtol=1e-4)
 
     evaluator = CircuitEvaluator(model, data, "logit_diff", batch_size=128)
+    mib = faithfulness_curve(evaluator, reference)
+    assert float(metric_value(at, "CPR (area under f)")) == pytest.approx(mib.cpr, abs=2e-4)
+    assert float(metric_value(at, "CMD (area under |1 - f|)")) == pytest.approx(mib.cmd, abs=2e-4)
     graph = reference.graph
     shown = []
     for n in (graph.n_edges // 4, graph.n_edges // 2, graph.n_edges):

@@ -20,11 +20,28 @@ import streamlit as st
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import PromptPairs, TokenizedPairs, tokenize
-from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, Curve, faithfulness_curve, normalized
+from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, Curve, edges_for_percent, normalized
 from eapcore.models import ModelSpec, load_model, model_graph
 from eapcore.render import fine_percents
 
 EVAL_BATCH = 128
+ENV_THREADS = "EAPCORE_TORCH_THREADS"
+
+
+def configure_threads() -> int:
+    """Set torch's intra-op threads for the app: ``$EAPCORE_TORCH_THREADS`` if set, else 1 on machines
+    with two or fewer cores (the model's tensors are small, and two spinning threads on a busy 2-core
+    machine made the demo's attribution ~20x slower than one thread), else torch's default."""
+    import os
+
+    import torch
+
+    wanted = os.environ.get(ENV_THREADS)
+    if wanted:
+        torch.set_num_threads(max(1, int(wanted)))
+    elif (os.cpu_count() or 1) <= 2:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
@@ -164,8 +181,12 @@ class Evaluation:
 
 
 def evaluate_top_n(evaluator: CircuitEvaluator, scores: Scores, n: int, absolute: bool = True) -> Evaluation:
-    """The top-``n`` circuit (pruned), its mean metric and faithfulness (one evaluation pass)."""
+    """The top-``n`` circuit (pruned), its mean metric and faithfulness: one real evaluation pass."""
     return evaluate_circuit(evaluator, select(scores, n, absolute), n)
+
+
+def _evaluator_key(evaluator: CircuitEvaluator) -> tuple:
+    return (evaluator.data.fingerprint, evaluator.metric.name, evaluator.intervention_kind, evaluator.batch_size)
 
 
 def evaluate_circuit(evaluator: CircuitEvaluator, circuit: Circuit, requested: int | None = None) -> Evaluation:
@@ -174,27 +195,34 @@ def evaluate_circuit(evaluator: CircuitEvaluator, circuit: Circuit, requested: i
     return Evaluation(circuit.n_edges if requested is None else requested, circuit, value, faith)
 
 
-def get_curves(
-    evaluator: CircuitEvaluator, scores: Scores, scores_key: str, absolute: bool = True
-) -> tuple[Curve, Curve]:
-    """(MIB curve, finer-grid curve) for these scores on the evaluator's data, computed once."""
-    key = (scores_key, evaluator.data.fingerprint, evaluator.metric.name, evaluator.intervention_kind,
-           evaluator.batch_size, absolute)
-    hit = curves().get(key)
-    if hit is None:
-        if unit_of(scores) == "edges":
-            hit = tuple(faithfulness_curve(evaluator, scores, p, absolute=absolute) for p in (MIB_PERCENTS, fine_percents()))
-        else:
-            hit = tuple(_node_curve(evaluator, scores, p, absolute) for p in (MIB_PERCENTS, fine_percents()))
-        curves().put(key, hit)
-    return hit
-
-
-def _node_curve(evaluator: CircuitEvaluator, scores: Scores, percents: tuple[float, ...], absolute: bool) -> Curve:
+def curve_sizes(scores: Scores, percents: tuple[float, ...]) -> list[int]:
+    """Circuit sizes (edges, or nodes for node-level scores) for percentages of the graph, as MIB counts them."""
+    if unit_of(scores) == "edges":
+        return [edges_for_percent(scores.graph, p) for p in percents]
     total = unit_count(scores)
-    sizes = [max(1, round(total * p / 100)) if p > 0 else 0 for p in percents]
-    values = [evaluate_circuit(evaluator, select(scores, k, absolute)).faithfulness for k in sizes]
-    return Curve(tuple(percents), tuple(sizes), tuple(values))
+    return [max(1, round(total * p / 100)) if p > 0 else 0 for p in percents]
+
+
+def get_curves(
+    evaluator: CircuitEvaluator, scores: Scores, scores_key: str, absolute: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Curve, Curve]:
+    """(MIB curve, finer-grid curve) for these scores on the evaluator's data. Each circuit size is
+    evaluated once and kept (shared by all sessions); ``progress(done, total)`` runs between sizes, so
+    a Streamlit rerun can interrupt the computation without losing the sizes already done."""
+    key = (scores_key, *_evaluator_key(evaluator), absolute)
+    done: dict[int, float] | None = curves().get(key)
+    if done is None:
+        done = {}
+        curves().put(key, done)
+    grids = (MIB_PERCENTS, fine_percents())
+    sizes = [curve_sizes(scores, p) for p in grids]
+    todo = sorted({n for row in sizes for n in row} - set(done))
+    for i, n in enumerate(todo):
+        if progress is not None:
+            progress(i, len(todo))
+        done[n] = evaluate_top_n(evaluator, scores, n, absolute).faithfulness
+    return tuple(Curve(tuple(p), tuple(row), tuple(done[n] for n in row)) for p, row in zip(grids, sizes))
 
 
 def model_facts(spec: ModelSpec) -> dict[str, Any]:
