@@ -9,11 +9,13 @@ negative and dashed); their width grows with ``|score|``.
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -32,7 +34,7 @@ EDGE_COLOURS = {
 EDGE_KINDS = ("q", "k", "v", "other")
 # Curvature per kind so the three edges into one head do not overlap.
 _CURVE = {"q": 0.18, "k": 0.0, "v": -0.18, "other": 0.06}
-X_SPACING, Y_SPACING = 110, 120
+X_SPACING, Y_SPACING = 170, 95
 
 
 # ----- layout and edge lists -----
@@ -51,17 +53,19 @@ def edge_kind(dst_name: str) -> str:
 
 
 def node_positions(graph: Graph) -> dict[str, tuple[float, float]]:
-    """``{node: (x, level)}``: level 0 is ``input``, the top level is ``logits`` (bigger is higher)."""
+    """``{node: (x, level)}``: level 0 is ``input``, the top level is ``logits`` (bigger is higher).
+    Heads of a layer sit on one row around x = 0; MLPs on the row above, in a column to the right (on
+    the heads' row for parallel attention/MLP), so the residual path input -> logits stays clear."""
     L, H = graph.cfg.n_layers, graph.cfg.n_heads
     parallel = graph.cfg.parallel_attn_mlp
     pos: dict[str, tuple[float, float]] = {"input": (0.0, 0.0)}
     per_layer = 1 if parallel else 2
+    right = (H - 1) / 2 + 1.0
     for layer in range(L):
         base = 1 + per_layer * layer
-        width = H + (1 if parallel else 0)
         for h in range(H):
-            pos[f"a{layer}.h{h}"] = (h - (width - 1) / 2, float(base))
-        pos[f"m{layer}"] = ((width - 1) / 2, float(base)) if parallel else (0.0, float(base + 1))
+            pos[f"a{layer}.h{h}"] = (h - (H - 1) / 2, float(base))
+        pos[f"m{layer}"] = (right, float(base if parallel else base + 1))
     pos["logits"] = (0.0, float(1 + per_layer * L))
     return pos
 
@@ -92,14 +96,24 @@ def circuit_edges(scores: Scores, circuit: Circuit, max_edges: int | None = None
     return out
 
 
+def _curvature(edge: DrawnEdge, pos: dict[str, tuple[float, float]]) -> float:
+    """Signed bend of an edge: q/k/v edges into one head bend apart; long 'other' edges bend more so
+    that they do not run through the nodes in between."""
+    if edge.kind != "other":
+        return _CURVE[edge.kind]
+    span = pos[edge.dst][1] - pos[edge.src][1]
+    return round(min(0.3, _CURVE["other"] + 0.04 * max(0.0, span - 1)), 2)
+
+
 def _edge_colour(edge: DrawnEdge) -> str:
     return EDGE_COLOURS[(edge.kind, 1 if edge.score >= 0 else -1)]
 
 
 def _width(score: float, top: float, lo: float = 1.0, hi: float = 8.0) -> float:
+    """Line width growing with ``sqrt(|score| / top)`` (a linear scale leaves all but a few edges hairlines)."""
     if not math.isfinite(score) or top <= 0:
         return lo
-    return lo + (hi - lo) * min(abs(score) / top, 1.0)
+    return lo + (hi - lo) * math.sqrt(min(abs(score) / top, 1.0))
 
 
 def _nodes_of(edges: Sequence[DrawnEdge]) -> list[str]:
@@ -132,7 +146,7 @@ def pyvis_html(scores: Scores, circuit: Circuit, height_px: int = 620, max_edges
     graph = scores.graph
     edges = circuit_edges(scores, circuit, max_edges)
     pos = node_positions(graph)
-    net = Network(height=f"{height_px - 20}px", width="100%", directed=True, cdn_resources="in_line", bgcolor="#ffffff")
+    net = Network(height=f"{height_px - 20}px", width="100%", directed=True, cdn_resources="remote", bgcolor="#ffffff")
     names = _nodes_of(edges) or ["input", "logits"]
     strength: dict[str, float] = {}
     for e in edges:
@@ -143,12 +157,12 @@ def pyvis_html(scores: Scores, circuit: Circuit, height_px: int = 620, max_edges
         title = f"{name} ({kind})" + (f"\nsum |score| of outgoing edges: {strength[name]:.4g}" if name in strength else "")
         net.add_node(
             name, label=name, title=title, color=NODE_COLOURS[kind], x=x * X_SPACING, y=-level * Y_SPACING,
-            shape="box" if kind in ("input", "logits") else "ellipse", font={"color": "#111827"},
+            shape="box" if kind in ("input", "logits") else "ellipse", font={"color": "#111827", "size": 18},
             physics=False,
         )
     top = max((abs(e.score) for e in edges if math.isfinite(e.score)), default=0.0)
     for e in edges:
-        curve = _CURVE[e.kind]
+        curve = _curvature(e, pos)
         smooth = {"enabled": True, "type": "curvedCW" if curve >= 0 else "curvedCCW", "roundness": abs(curve)}
         net.add_edge(
             e.src, e.dst, title=f"{e.name}\nscore {e.score:+.4g}", color=_edge_colour(e), width=_width(e.score, top),
@@ -159,8 +173,23 @@ def pyvis_html(scores: Scores, circuit: Circuit, height_px: int = 620, max_edges
         '{"physics": {"enabled": false}, "interaction": {"hover": true, "tooltipDelay": 80, "navigationButtons": false},'
         ' "edges": {"arrows": {"to": {"scaleFactor": 0.5}}}}'
     )
-    page = net.generate_html(notebook=False)
-    return strip_remote_resources(page)
+    # Rendered with the small "remote" template, then the CDN tags are swapped for the library inlined
+    # (pyvis's "in_line" mode re-lexes the 500 kB library through jinja on every call: ~0.1 s).
+    page = strip_remote_resources(net.generate_html(notebook=False))
+    js, css = _vis_library()
+    return page.replace("<head>", f"<head>\n<style>{css}</style>\n<script>{js}</script>", 1)
+
+
+@functools.cache
+def _vis_library() -> tuple[str, str]:
+    """vis-network's JavaScript and CSS as shipped inside the pyvis package (read once)."""
+    import pyvis
+
+    lib = Path(pyvis.__file__).parent / "lib" / "vis-9.1.2"
+    js = (lib / "vis-network.min.js").read_text(encoding="utf-8")
+    if "</script" in js.lower():
+        raise RuntimeError("the bundled vis-network script cannot be inlined")
+    return js, (lib / "vis-network.css").read_text(encoding="utf-8")
 
 
 # ----- static PNGs -----
@@ -195,18 +224,17 @@ def circuit_png(scores: Scores, circuit: Circuit, max_edges: int = 600, title: s
     spread = max(p[0] for p in pos.values()) - min(p[0] for p in pos.values()) + 1
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * spread + 2), max(5.0, 0.9 * levels + 1.5)))
     top = max((abs(e.score) for e in edges if math.isfinite(e.score)), default=0.0)
-    for kind in EDGE_KINDS:
-        for sign in (1, -1):
-            group = [e for e in edges if e.kind == kind and (e.score >= 0) == (sign == 1)]
-            if not group:
-                continue
-            pairs = [(e.src, e.dst) for e in group]
-            g.add_edges_from(pairs)
-            nx.draw_networkx_edges(
-                g, xy, edgelist=pairs, ax=ax, edge_color=EDGE_COLOURS[(kind, sign)],
-                width=[_width(e.score, top, 0.6, 5.0) for e in group], style="solid" if sign == 1 else "dashed",
-                arrows=True, arrowsize=9, connectionstyle=f"arc3,rad={_CURVE[kind]}", node_size=900, alpha=0.9,
-            )
+    groups: dict[tuple[str, int, float], list[DrawnEdge]] = {}
+    for e in edges:
+        groups.setdefault((e.kind, 1 if e.score >= 0 else -1, _curvature(e, pos)), []).append(e)
+    for (kind, sign, rad), group in sorted(groups.items(), key=lambda kv: (kv[0][1] == 1, kv[0])):
+        pairs = [(e.src, e.dst) for e in group]
+        g.add_edges_from(pairs)
+        nx.draw_networkx_edges(
+            g, xy, edgelist=pairs, ax=ax, edge_color=EDGE_COLOURS[(kind, sign)],
+            width=[_width(e.score, top, 0.6, 5.0) for e in group], style="solid" if sign == 1 else "dashed",
+            arrows=True, arrowsize=9, connectionstyle=f"arc3,rad={rad}", node_size=900, alpha=0.9,
+        )
     for kind in ("input", "head", "mlp", "logits"):
         group = [n for n in names if node_kind(n) == kind]
         nx.draw_networkx_nodes(g, xy, nodelist=group, ax=ax, node_color=NODE_COLOURS[kind], node_size=900,
