@@ -38,7 +38,7 @@ if source == "Shipped task":
     names = list(TASKS)
     c1, c2 = st.columns([1, 3])
     task = c1.selectbox("Task", names, format_func=lambda n: n.replace("_", "-"), key="w_task")
-    c2.caption(TASKS[task].description + f" Metric: `{TASKS[task].metric}`.")
+    c2.caption(f"{TASKS[task].description}. Metric: `{TASKS[task].metric}`.")
     if c1.button("Use this task", type="primary", key="use_task"):
         with state.guard(f"Task {task}"):
             use(PromptPairs.from_csv(TASKS[task].csv), f"task: {task}", TASKS[task].metric)
@@ -73,7 +73,8 @@ if not widgets.need("pairs"):
 st.divider()
 metrics = list(METRICS)
 state.widget_value("w_data_metric", "metric")
-s.metric = st.selectbox("Metric", metrics, key="w_data_metric", help="logit_diff / prob_diff: higher is better; kl_div: lower is better")
+s.metric = st.columns([1, 3])[0].selectbox("Metric", metrics, key="w_data_metric",
+                                           help="logit_diff / prob_diff: higher is better; kl_div: lower is better")
 
 with state.guard("Baseline"):
     with st.spinner("Running the clean and corrupted prompts ..."):
@@ -87,7 +88,7 @@ with state.guard("Preview"):
     st.subheader("Token preview")
     tokenizer = cache.get_model(s.model_spec).tokenizer
     n = len(s.pairs)
-    first = st.number_input("First pair shown", min_value=1, max_value=n, value=1, step=5)
+    first = st.columns([1, 4])[0].number_input("First pair shown", min_value=1, max_value=n, value=1, step=5)
     unk = getattr(tokenizer, "unk_token", None)
     for row in range(first - 1, min(first + 4, n)):
         diff = render.token_diff(tokenizer, s.pairs.clean[row], s.pairs.corrupted[row])

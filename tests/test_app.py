@@ -153,6 +153,18 @@ def test_data_page_shows_baselines_and_token_preview(engine) -> None:
     assert "pair 1" in previews[0] and "#fde68a" in previews[0]  # a differing token is highlighted
 
 
+@pytest.mark.skipif(not demo_available(), reason="the shipped tasks are written for the demo model's vocabulary")
+def test_every_shipped_task_loads_with_its_metric() -> None:
+    at = new_app()
+    at.switch_page("pages/data.py").run()
+    for name, task in TASKS.items():
+        at.selectbox(key="w_task").set_value(name)
+        at.button(key="use_task").click().run()
+        assert errors(at) == [], (name, errors(at))
+        assert at.session_state["data_label"] == f"task: {name}" and at.session_state["metric"] == task.metric
+        assert metric_value(at, f"clean {task.metric}") and metric_value(at, f"corrupted {task.metric}")
+
+
 def bad_csv(csv: Path) -> bytes:
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
     first_word = frame.loc[1, "corrupted"].split()[0]

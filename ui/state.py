@@ -79,6 +79,8 @@ def set_data(pairs: PromptPairs, label: str, metric: str | None = None) -> None:
     s.pairs, s.data_label = pairs, label
     if metric is not None:
         s.metric = metric
+        for widget in ("w_data_metric", "w_attr_metric"):  # re-seeded from ``metric`` when next drawn
+            s.pop(widget, None)
     s.pop("default_data_error", None)
 
 
