@@ -31,7 +31,7 @@ if not ready:
 
 grid = render.log_grid(total)
 if s.get("n_edges") is None or not 0 <= s.n_edges <= total:
-    s.n_edges = min(total, max(round(total * 0.05), 20))
+    s.n_edges = cache.default_size(scores)
 
 
 def snap(n: int) -> int:

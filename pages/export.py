@@ -20,7 +20,7 @@ else:
         scores = s.scores
         n = s.get("n_edges")
         unit = cache.unit_of(scores)
-        n = cache.unit_count(scores) if n is None else int(n)
+        n = cache.default_size(scores) if n is None or n > cache.unit_count(scores) else int(n)
         absolute = s.get("absolute", True)
         circuit = cache.select(scores, n, absolute)
         how = "top_n" if unit == "edges" else "by_nodes"

@@ -92,6 +92,12 @@ def unit_count(scores: Scores) -> int:
     return scores.graph.n_edges
 
 
+def default_size(scores: Scores) -> int:
+    """The circuit size Explore opens with: 5% of the graph, at least 20 (edges or nodes)."""
+    total = unit_count(scores)
+    return min(total, max(round(total * 0.05), 20))
+
+
 def select(scores: Scores, n: int, absolute: bool = True) -> Circuit:
     """The top-``n`` circuit (pruned): by edge score, or by node score for node-level scores."""
     from eapcore.select import by_nodes, top_n
