@@ -48,37 +48,38 @@ with state.guard("Invalid settings"):
     s.attr_spec = spec
 
 if spec is not None:
-    cached = cache.cached_attribution(s.model_spec, s.pairs, spec) is not None
-    n_pairs = len(s.pairs)
-    graph = model_graph(cache.get_model(s.model_spec))
-    per_batch = spec.passes_per_batch(graph) if hasattr(spec, "passes_per_batch") else 2 + len(spec.alphas())
-    passes = -(-n_pairs // spec.batch_size) * per_batch
-    st.caption(f"{n_pairs} pairs ({s.data_label}) · {passes} passes over batches of {spec.batch_size}"
-               + (" · **cached: this run is instant**" if cached else ""))
-    b1, b2 = st.columns([1, 3])
-    run = b1.button("Run attribution", type="primary", icon=":material/play_arrow:", key="run_attribution")
-    s.setdefault("w_open_explore", True)
-    open_explore = b2.checkbox("Open Explore when done", key="w_open_explore")
-    if run:
-        with state.guard("Attribution failed"):
-            bar = st.progress(0.0, text="Loading the model and data ...")
-            cache.get_data(s.model_spec, s.pairs)
-            start = time.perf_counter()
+    with state.guard("Attribution"):
+        cached = cache.cached_attribution(s.model_spec, s.pairs, spec) is not None
+        n_pairs = len(s.pairs)
+        graph = model_graph(cache.get_model(s.model_spec))
+        per_batch = spec.passes_per_batch(graph) if hasattr(spec, "passes_per_batch") else 2 + len(spec.alphas())
+        passes = -(-n_pairs // spec.batch_size) * per_batch
+        st.caption(f"{n_pairs} pairs ({s.data_label}) · {passes} passes over batches of {spec.batch_size}"
+                   + (" · **cached: this run is instant**" if cached else ""))
+        b1, b2 = st.columns([1, 3])
+        run = b1.button("Run attribution", type="primary", icon=":material/play_arrow:", key="run_attribution")
+        s.setdefault("w_open_explore", True)
+        open_explore = b2.checkbox("Open Explore when done", key="w_open_explore")
+        if run:
+            with state.guard("Attribution failed"):
+                bar = st.progress(0.0, text="Loading the model and data ...")
+                cache.get_data(s.model_spec, s.pairs)
+                start = time.perf_counter()
 
-            def progress(done: int, total: int) -> None:
-                elapsed = time.perf_counter() - start
-                eta = elapsed / done * (total - done) if done else 0.0
-                bar.progress(done / total, text=f"{done}/{total} passes · {elapsed:.1f} s elapsed · about {eta:.1f} s left")
+                def progress(done: int, total: int) -> None:
+                    elapsed = time.perf_counter() - start
+                    eta = elapsed / done * (total - done) if done else 0.0
+                    bar.progress(done / total, text=f"{done}/{total} passes · {elapsed:.1f} s elapsed · about {eta:.1f} s left")
 
-            scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress)
-            bar.progress(1.0, text="cached result" if timing.cached else f"done in {timing.seconds:.1f} s")
-            label = f"{spec.method}" + (f" ({spec.ig_steps} steps)" if "IG" in spec.method else "")
-            label += f", {level} level" if level != "edge" else ""
-            label += f", {intervention}" if intervention != "patching" else ""
-            state.set_scores(scores, key, f"{label}, {spec.metric}, {s.data_label}")
-            s.last_attribution_seconds = timing.seconds
-            if open_explore:
-                st.switch_page("pages/explore.py")
+                scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress)
+                bar.progress(1.0, text="cached result" if timing.cached else f"done in {timing.seconds:.1f} s")
+                label = f"{spec.method}" + (f" ({spec.ig_steps} steps)" if "IG" in spec.method else "")
+                label += f", {level} level" if level != "edge" else ""
+                label += f", {intervention}" if intervention != "patching" else ""
+                state.set_scores(scores, key, f"{label}, {spec.metric}, {s.data_label}")
+                s.last_attribution_seconds = timing.seconds
+                if open_explore:
+                    st.switch_page("pages/explore.py")
 
 if s.get("scores") is not None:
     st.subheader("Scores (sources × destinations)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from eapcore.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
+if str(ROOT) not in sys.path:  # `ui` lives next to app.py
+    sys.path.insert(0, str(ROOT))
 N_PAIRS = 16
 TOY = {
     "clean": ["a b c d", "b c d e f", "c d e", "d e f g h i", "e f g h", "a c e g", "b d f h j", "c a b"],
@@ -135,6 +138,15 @@ def test_loading_a_missing_model_shows_an_error_and_keeps_the_old_one(setup) -> 
     assert any("Could not load the model" in e and "no/such/model" in e for e in errors(at))
     assert at.session_state["model_spec"] == before
     assert metric_value(at, "layers")  # the loaded model's facts still show
+
+
+def test_a_missing_default_model_is_an_error_not_a_crash(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EAPCORE_APP_MODEL", "/no/such/default/model")
+    at = new_app()
+    assert not at.exception
+    assert any("Could not load the model" in e and "/no/such/default/model" in e for e in errors(at))
+    at.switch_page("pages/attribute.py").run()  # other pages still open and show the error too
+    assert not at.exception and errors(at)
 
 
 # ----- Data -----
