@@ -15,9 +15,11 @@ import torch
 
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import Batch, TokenizedPairs
-from eapcore.gradients import Accumulator, activation_interpolation, input_interpolation
+from eapcore.gradients import Accumulator, Delta, activation_interpolation, input_interpolation
 from eapcore.graph import Graph
-from eapcore.interventions import INTERVENTIONS, Intervention, make_intervention, recorders, source_outputs
+from eapcore.interventions import (
+    INTERVENTIONS, Intervention, make_intervention, recorders, row_windows, source_outputs,
+)
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_dtype, model_graph, model_lock
 from eapcore.sites import destinations, per_column
@@ -43,6 +45,7 @@ class AttributionSpec:
     intervention: str = "patching"
     batch_size: int = 32
     level: str = "edge"
+    chunks: int = 1  # split the Δ buffer into this many windows of source rows (same scores, less memory)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,6 +67,8 @@ class AttributionSpec:
             raise ValueError(f"ig_steps must be a positive integer, got {self.ig_steps!r}; 5 is the usual choice")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
+            raise ValueError(f"chunks must be a positive integer, got {self.chunks!r}")
 
     def alphas(self) -> list[float]:
         """Where input-interpolation methods take gradients, as the weight of the clean embeddings."""
@@ -75,13 +80,14 @@ class AttributionSpec:
 
     def passes_per_batch(self, graph: Graph) -> int:
         """Forward (or forward/backward) passes per batch, for progress and time estimates."""
+        windows = len(row_windows(graph, self.chunks))
         if self.method == "EAP-IG-activations":
-            return 2 + (2 * graph.cfg.n_layers + 1) * self.ig_steps
+            return 2 * windows + (2 * graph.cfg.n_layers + 1) * self.ig_steps
         if self.method == "information-flow-routes":
             return 1
         if self.method == "exact":
             return graph.n_edges if self.level == "edge" else graph.n_forward
-        return 2 + len(self.alphas())
+        return windows * (2 + len(self.alphas()))
 
 
 def attribute(
@@ -167,20 +173,21 @@ def _gradient_batch(
     model: Any, graph: Graph, batch: Batch, spec: AttributionSpec, metric: Metric, intervention: Intervention,
     acc: Accumulator, tick: Callable[..., None], where: str,
 ) -> None:
-    """Δ = ablated − clean from two forward passes, then the method's gradient passes."""
-    delta = intervention.ablated(model, graph, batch)
-    corrupted_embed = delta[0].clone()
-    tick()
-    with torch.no_grad():
-        clean_logits = model.run_with_hooks(batch.clean, fwd_hooks=recorders(graph, delta, sign=-1.0))
-    clean_readout = readout(clean_logits, batch.lengths) if metric.needs_clean_logits else None
-    del clean_logits
-    tick()
-
-    if spec.method == "EAP-IG-activations":
-        activation_interpolation(model, batch, metric, delta, clean_readout, spec.ig_steps, acc, tick, where)
-    else:
-        input_interpolation(model, batch, metric, delta, corrupted_embed, clean_readout, spec.alphas(), acc, tick, where)
+    """Per window of source rows: Δ = ablated − clean from two forward passes, then the method's
+    gradient passes (one window, all rows, unless ``spec.chunks`` > 1)."""
+    for window in row_windows(graph, spec.chunks):
+        values = intervention.ablated(model, graph, batch, window)
+        tick()
+        with torch.no_grad():
+            clean_logits = model.run_with_hooks(batch.clean, fwd_hooks=recorders(graph, values, -1.0, window))
+        clean_readout = readout(clean_logits, batch.lengths) if metric.needs_clean_logits else None
+        del clean_logits
+        tick()
+        delta = Delta(window.start, values)
+        if spec.method == "EAP-IG-activations":
+            activation_interpolation(model, batch, metric, delta, clean_readout, spec.ig_steps, acc, tick, where)
+        else:
+            input_interpolation(model, batch, metric, delta, clean_readout, spec.alphas(), acc, tick, where)
 
 
 def _information_flow(model: Any, graph: Graph, batch: Batch, acc: Accumulator) -> None:

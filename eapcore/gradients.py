@@ -19,6 +19,26 @@ from eapcore.metrics import Metric, readout
 from eapcore.sites import Destination, Source, destinations, per_column, source_major, sources
 
 
+@dataclass(frozen=True)
+class Delta:
+    """Δ = ablated − clean source outputs for the source rows ``[start, start + len(values))``;
+    ``values``: ``[rows batch pos d_model]``."""
+
+    start: int
+    values: torch.Tensor
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.values.shape[0]
+
+    def clip(self, rows: slice) -> slice:
+        """``rows`` restricted to this window (possibly empty)."""
+        return slice(max(rows.start, self.start), max(min(rows.stop, self.stop), max(rows.start, self.start)))
+
+    def take(self, rows: slice) -> torch.Tensor:
+        return self.values[rows.start - self.start : rows.stop - self.start]
+
+
 @dataclass
 class Accumulator:
     """Where scores are summed: ``edges`` ``[n_forward n_backward]`` or ``neurons`` ``[n_forward d_model]``."""
@@ -28,17 +48,21 @@ class Accumulator:
     edges: torch.Tensor
     neurons: torch.Tensor
 
-    def add_edges(self, dst: Destination, rows: slice, delta: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
-        """scores[rows, dst.cols] += Σ_{batch,pos,d} delta[rows] · grad (per destination column)."""
+    def add_edges(self, dst: Destination, rows: slice, delta: Delta, grad: torch.Tensor, weight: float) -> None:
+        """scores[rows, dst.cols] += Σ_{batch,pos,d} Δ[rows] · grad, for the rows ``dst`` reads and
+        ``delta`` holds."""
+        rows = delta.clip(slice(rows.start, min(rows.stop, dst.prev)))
+        n = rows.stop - rows.start
+        if n <= 0:
+            return
         g = per_column(grad)
         g = g.permute(0, 1, 3, 2).reshape(-1, g.shape[2])
-        n = rows.stop - rows.start
-        block = delta[rows].reshape(n, -1) @ g
+        block = delta.take(rows).reshape(n, -1) @ g
         self.edges[rows, dst.cols] += block.to(self.edges.dtype) * weight
 
-    def add_neurons(self, rows: slice, delta: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
-        """neurons[rows] += Σ_{batch,pos} delta[rows] ⊙ grad."""
-        self.neurons[rows] += (delta[rows] * source_major(grad)).sum((1, 2)).to(self.neurons.dtype) * weight
+    def add_neurons(self, rows: slice, delta: Delta, grad: torch.Tensor, weight: float) -> None:
+        """neurons[rows] += Σ_{batch,pos} Δ[rows] ⊙ grad."""
+        self.neurons[rows] += (delta.take(rows) * source_major(grad)).sum((1, 2)).to(self.neurons.dtype) * weight
 
 
 def _on_grad(t: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> torch.Tensor:
@@ -60,17 +84,20 @@ def gradient_pass(
     interpolate: tuple[str, Callable],
     on_destination: Callable[[Destination, torch.Tensor], None] | None,
     on_source: Callable[[Source, torch.Tensor], None] | None,
+    window: slice,
     where: str,
 ) -> None:
     """One forward/backward of the clean prompt with ``interpolate`` = (hook, fn) applied; gradients at
     destination inputs go to ``on_destination``, at source outputs to ``on_source``."""
     hooks = [interpolate]
-    if on_destination is not None:
+    if on_destination is not None:  # only destinations that read a source of the window
         for d in destinations(graph):
-            hooks.append((d.hook, lambda t, hook, d=d: _on_grad(t, lambda g: on_destination(d, g))))
+            if d.prev > window.start:
+                hooks.append((d.hook, lambda t, hook, d=d: _on_grad(t, lambda g: on_destination(d, g))))
     if on_source is not None:
         for s in sources(graph):
-            hooks.append((s.hook, lambda t, hook, s=s: _on_grad(t, lambda g: on_source(s, g))))
+            if window.start <= s.rows.start < window.stop:
+                hooks.append((s.hook, lambda t, hook, s=s: _on_grad(t, lambda g: on_source(s, g))))
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(batch.clean)
         loss = metric.loss(readout(logits, batch.lengths), batch, clean_readout)
@@ -84,27 +111,31 @@ def gradient_pass(
 
 
 def input_interpolation(
-    model: Any, batch: Batch, metric: Metric, delta: torch.Tensor, corrupted_embed: torch.Tensor,
-    clean_readout: torch.Tensor | None, alphas: list[float], acc: Accumulator, tick: Callable[[], None], where: str,
+    model: Any, batch: Batch, metric: Metric, delta: Delta, clean_readout: torch.Tensor | None,
+    alphas: list[float], acc: Accumulator, tick: Callable[[], None], where: str,
 ) -> None:
     """Gradients at token embeddings e_corr + α (e_clean − e_corr), averaged over ``alphas``."""
-    embed_diff = -delta[0]
+    with torch.no_grad():
+        corrupted_embed = model.embed(batch.corrupted)
+        embed_diff = model.embed(batch.clean) - corrupted_embed
     weight = 1.0 / len(alphas)
+    window = slice(delta.start, delta.stop)
     for step, alpha in enumerate(alphas):
         def interpolate(t: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
             return (corrupted_embed + alpha * embed_diff).requires_grad_(True)
 
         gradient_pass(
             model, acc.graph, batch, metric, clean_readout, ("hook_embed", interpolate),
-            (lambda d, g: acc.add_edges(d, slice(0, d.prev), delta, g, weight)) if acc.level == "edge" else None,
+            (lambda d, g: acc.add_edges(d, window, delta, g, weight)) if acc.level == "edge" else None,
             (lambda s, g: acc.add_neurons(s.rows, delta, g, weight)) if acc.level != "edge" else None,
+            window,
             f"{where}, gradient step {step + 1} of {len(alphas)}",
         )
         tick()
 
 
 def activation_interpolation(
-    model: Any, batch: Batch, metric: Metric, delta: torch.Tensor, clean_readout: torch.Tensor | None,
+    model: Any, batch: Batch, metric: Metric, delta: Delta, clean_readout: torch.Tensor | None,
     steps: int, acc: Accumulator, tick: Callable[[], None], where: str,
 ) -> None:
     """For each source group (input, each attention layer, each MLP) in turn, its output set to
@@ -113,7 +144,9 @@ def activation_interpolation(
     weight = 1.0 / steps
     for group in sources(acc.graph):
         rows = group.rows
-        shift = delta[rows]  # [rows batch pos d_model]: ablated − clean
+        if not delta.start <= rows.start < delta.stop:
+            continue  # another window's group
+        shift = delta.take(rows)  # [rows batch pos d_model]: ablated − clean
         for k in range(1, steps + 1):
             alpha = k / steps
 
@@ -126,9 +159,9 @@ def activation_interpolation(
 
             gradient_pass(
                 model, acc.graph, batch, metric, clean_readout, (group.hook, interpolate),
-                (lambda d, g: acc.add_edges(d, rows, delta, g, weight) if d.prev > rows.start else None)
-                if acc.level == "edge" else None,
+                (lambda d, g: acc.add_edges(d, rows, delta, g, weight)) if acc.level == "edge" else None,
                 None,
+                rows,
                 f"{where}, group {group.hook}, step {k} of {steps}",
             )
             tick()

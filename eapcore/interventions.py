@@ -20,32 +20,52 @@ from eapcore.sites import source_major, sources
 INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
 
 
-def recorders(graph: Graph, out: torch.Tensor, sign: float | None = None) -> list[tuple[str, Callable]]:
-    """Forward hooks that write (``sign=None``) or add ``sign`` times each source's output into
-    ``out`` ``[n_forward batch pos d_model]``."""
+def row_windows(graph: Graph, chunks: int) -> list[slice]:
+    """Split the source rows into at most ``chunks`` contiguous windows of roughly equal size, cut at
+    source-group boundaries (input, each attention layer, each MLP)."""
+    starts = [s.rows.start for s in sources(graph)]
+    if not 1 <= chunks <= len(starts):
+        raise ValueError(f"chunks must be between 1 and {len(starts)} (the source groups of this model), got {chunks}")
+    cuts = sorted({min(starts, key=lambda a: abs(a - k * graph.n_forward / chunks)) for k in range(chunks)})
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:] + [graph.n_forward])]
+
+
+def recorders(
+    graph: Graph, out: torch.Tensor, sign: float | None = None, window: slice | None = None
+) -> list[tuple[str, Callable]]:
+    """Forward hooks that write (``sign=None``) or add ``sign`` times each source's output into ``out``
+    ``[rows batch pos d_model]``, which holds the source rows of ``window`` (default: all)."""
+    window = window or slice(0, graph.n_forward)
 
     def make(rows: slice) -> Callable:
+        local = slice(rows.start - window.start, rows.stop - window.start)
+
         def hook(t: torch.Tensor, hook: Any) -> None:
             if sign is None:
-                out[rows] = source_major(t)
+                out[local] = source_major(t)
             else:
-                out[rows] += sign * source_major(t)
+                out[local] += sign * source_major(t)
         return hook
 
-    return [(s.hook, make(s.rows)) for s in sources(graph)]
+    return [(s.hook, make(s.rows)) for s in sources(graph) if window.start <= s.rows.start and s.rows.stop <= window.stop]
 
 
-def new_buffer(model: Any, graph: Graph, batch: Batch) -> torch.Tensor:
-    """An uninitialised ``[n_forward batch pos d_model]`` buffer in the model's dtype and device."""
+def new_buffer(model: Any, graph: Graph, batch: Batch, window: slice | None = None) -> torch.Tensor:
+    """An uninitialised ``[rows batch pos d_model]`` buffer (rows of ``window``, default all) in the
+    model's dtype and device."""
+    window = window or slice(0, graph.n_forward)
     B, P = batch.clean.shape
-    return torch.empty(graph.n_forward, B, P, model.cfg.d_model, dtype=model_dtype(model), device=model_device(model))
+    shape = (window.stop - window.start, B, P, model.cfg.d_model)
+    return torch.empty(shape, dtype=model_dtype(model), device=model_device(model))
 
 
-def source_outputs(model: Any, graph: Graph, batch: Batch, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every source's output on ``tokens`` (no gradient): ``([n_forward batch pos d_model], logits)``."""
-    out = new_buffer(model, graph, batch)
+def source_outputs(
+    model: Any, graph: Graph, batch: Batch, tokens: torch.Tensor, window: slice | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources' outputs on ``tokens`` (no gradient): ``([rows batch pos d_model], logits)``."""
+    out = new_buffer(model, graph, batch, window)
     with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=recorders(graph, out))
+        logits = model.run_with_hooks(tokens, fwd_hooks=recorders(graph, out, window=window))
     return out, logits
 
 
@@ -56,22 +76,24 @@ class Intervention:
     kind: str = "patching"
     means: torch.Tensor | None = None
 
-    def ablated(self, model: Any, graph: Graph, batch: Batch) -> torch.Tensor:
-        """What each source carries when ablated, ``[n_forward batch pos d_model]`` (a fresh tensor)."""
+    def ablated(self, model: Any, graph: Graph, batch: Batch, window: slice | None = None) -> torch.Tensor:
+        """What each source of ``window`` (default all) carries when ablated, ``[rows batch pos d_model]``
+        (a fresh tensor)."""
         if self.kind == "patching":
-            return source_outputs(model, graph, batch, batch.corrupted)[0]
-        out = new_buffer(model, graph, batch)
+            return source_outputs(model, graph, batch, batch.corrupted, window)[0]
+        out = new_buffer(model, graph, batch, window)
+        window = window or slice(0, graph.n_forward)
         if self.kind == "zero":
             return out.zero_()
         if self.kind == "mean":
-            out[:] = self.means[:, None, None, :]
+            out[:] = self.means[window, None, None, :]
             return out
         if batch.n_pos > self.means.shape[1]:
             raise DataError(
                 f"mean-positional ablation has means for {self.means.shape[1]} positions but the prompts have "
                 f"{batch.n_pos}; use a reference dataset with prompts of length {batch.n_pos}, or 'mean'"
             )
-        out[:] = self.means[:, None, : batch.n_pos, :]
+        out[:] = self.means[window, None, : batch.n_pos, :]
         return out
 
 
