@@ -76,8 +76,9 @@ def panel() -> None:
             "Edges (after pruning)": f"{result.circuit.n_edges:,} / {graph.n_edges:,}",
             "Nodes": f"{result.circuit.n_nodes} / {graph.n_forward}",
         })
+        note = st.empty()  # always present, so that the elements below keep their places between reruns
         if result.circuit.n_edges == 0:
-            st.info("After pruning, none of these lies on a path from input to logits: add more.")
+            note.info("After pruning, none of these lies on a path from input to logits: add more.")
         widgets.show_graph(scores, result.circuit)
         bar = st.empty()
 

@@ -135,10 +135,10 @@ def test_browser_flow(server, shots: Path) -> None:
             frame.locator("canvas").first.wait_for(state="visible")
             to_graph = time.perf_counter() - start
 
-            faith = page.get_by_test_id("stMetric").filter(has_text="Faithfulness").get_by_test_id("stMetricValue")
+            faith = page.get_by_test_id("stMetric").filter(has_text="Faithfulness").get_by_test_id("stMetricValue").first
             expect(faith).to_have_text(re.compile(r"^\s*-?\d+\.\d{4}\s*$"))
             before = faith.inner_text().strip()
-            expect(page.get_by_text("CPR (area under f)")).to_be_visible()
+            expect(page.get_by_text("CPR (area under f)").first).to_be_visible()
             page.screenshot(path=shots / "3_explore.png")
 
             slider = page.get_by_role("slider").first
@@ -152,14 +152,14 @@ def test_browser_flow(server, shots: Path) -> None:
             slider.focus()
             page.keyboard.press("Home")  # the empty circuit: faithfulness 0
             expect(faith).to_have_text(re.compile(r"^\s*-?0\.0000\s*$"))
-            edges = page.get_by_test_id("stMetric").filter(has_text="Edges (after pruning)").get_by_test_id("stMetricValue")
+            edges = page.get_by_test_id("stMetric").filter(has_text="Edges (after pruning)").get_by_test_id("stMetricValue").first
             total = int(edges.inner_text().split("/")[1].replace(",", ""))
             box = page.get_by_label("Exact count")
             box.fill(str(max(8, total // 12)))  # the number box, for an exact size
             box.press("Enter")
             expect(faith).not_to_have_text(re.compile(r"^\s*-?0\.0000\s*$"))
             frame.locator("canvas").first.wait_for(state="visible")
-            expect(page.get_by_text("CPR (area under f)")).to_be_visible()
+            expect(page.get_by_text("CPR (area under f)").first).to_be_visible()
             page.wait_for_timeout(500)  # let the iframe draw before the picture (the test waited on selectors)
             page.screenshot(path=shots / "4_explore_slider.png")
 

@@ -15,8 +15,9 @@ GRAPH_HEIGHT = 640
 
 def show_graph(scores: Scores, circuit: Circuit, height: int = GRAPH_HEIGHT, max_edges: int = 600) -> None:
     """The circuit as an interactive pyvis graph in an iframe (renders offline: no CDN)."""
+    note = st.empty()  # always present, so that the elements below keep their places between reruns
     if circuit.n_edges > max_edges:
-        st.caption(f"Drawing the {max_edges} edges with the largest |score| of {circuit.n_edges}.")
+        note.caption(f"Drawing the {max_edges} edges with the largest |score| of {circuit.n_edges}.")
     page = render.pyvis_html(scores, circuit, height_px=height, max_edges=max_edges)
     st.iframe(page, height=height, alt="circuit graph")
     st.caption(
