@@ -30,11 +30,15 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to load: ``name`` is ``demo``, a Hugging Face hub name, or a local ``save_pretrained`` folder."""
+    """What to load: ``name`` is ``demo``, a Hugging Face hub name, or a local ``save_pretrained`` folder.
+    ``device_map`` (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``) or ``n_devices`` split a model
+    too big for one GPU over several, through TransformerLens's multi-device boot; they exclude ``device``."""
 
     name: str = "demo"
     device: str | None = None
     dtype: str = "float32"
+    device_map: str | None = None
+    n_devices: int | None = None
 
 
 def default_device() -> str:
@@ -87,8 +91,13 @@ def load_model(spec: ModelSpec | str = "demo", device: str | None = None, dtype:
     torch_dtype = _resolve_dtype(spec.dtype)
     from transformer_lens.model_bridge import TransformerBridge
 
+    placement: dict[str, Any] = {"device": spec.device or default_device()}
+    if spec.device_map is not None or (spec.n_devices or 1) > 1:
+        if spec.device is not None:
+            raise ValueError(f"device {spec.device!r} and a device map/n_devices exclude each other; pass one of them")
+        placement = {"device_map": spec.device_map, "n_devices": spec.n_devices}
     try:
-        model = TransformerBridge.boot_transformers(source, device=spec.device or default_device(), dtype=torch_dtype)
+        model = TransformerBridge.boot_transformers(source, dtype=torch_dtype, **placement)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"could not load model {spec.name!r}: {e}") from e
     except (AttributeError, NotImplementedError) as e:  # e.g. CodeGen: the bridge cannot wrap the model
