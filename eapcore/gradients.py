@@ -110,14 +110,25 @@ def gradient_pass(
             loss.backward()
 
 
+def token_embeddings(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """The ``input`` node's output (``hook_embed``, after any embedding multiplier) ``[batch pos d_model]``."""
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(t: torch.Tensor, hook: Any) -> None:
+        store["embed"] = t.detach().clone()
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", keep)], stop_at_layer=0)
+    return store["embed"]
+
+
 def input_interpolation(
     model: Any, batch: Batch, metric: Metric, delta: Delta, clean_readout: torch.Tensor | None,
     alphas: list[float], acc: Accumulator, tick: Callable[[], None], where: str,
 ) -> None:
     """Gradients at token embeddings e_corr + α (e_clean − e_corr), averaged over ``alphas``."""
-    with torch.no_grad():
-        corrupted_embed = model.embed(batch.corrupted)
-        embed_diff = model.embed(batch.clean) - corrupted_embed
+    corrupted_embed = token_embeddings(model, batch.corrupted)
+    embed_diff = token_embeddings(model, batch.clean) - corrupted_embed
     weight = 1.0 / len(alphas)
     window = slice(delta.start, delta.stop)
     for step, alpha in enumerate(alphas):
