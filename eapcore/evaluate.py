@@ -113,7 +113,7 @@ class CircuitEvaluator:
 
         def subtract(rows: slice) -> Callable:
             def hook(t: torch.Tensor, hook: Any) -> None:
-                diff[rows] -= source_major(t)
+                diff[rows] -= source_major(t).to(diff.device)
             return hook
 
         for s in sources(self.graph):
@@ -131,7 +131,7 @@ class CircuitEvaluator:
                     dropped = diff[:prev] * partial[1][:prev, None, None, :]
                     flat = flat + kept.T @ dropped.reshape(prev, -1)
                 add = flat.reshape(block.shape[1], *diff.shape[1:]).permute(1, 2, 0, 3)
-                return t + from_per_column(add, t)
+                return t + from_per_column(add, t).to(t.device)
 
             hooks.append((d.hook, patch))
         return hooks

@@ -55,14 +55,15 @@ class Accumulator:
         n = rows.stop - rows.start
         if n <= 0:
             return
-        g = per_column(grad)
+        g = per_column(grad).to(delta.values.device)
         g = g.permute(0, 1, 3, 2).reshape(-1, g.shape[2])
         block = delta.take(rows).reshape(n, -1) @ g
-        self.edges[rows, dst.cols] += block.to(self.edges.dtype) * weight
+        self.edges[rows, dst.cols] += block.to(self.edges) * weight
 
     def add_neurons(self, rows: slice, delta: Delta, grad: torch.Tensor, weight: float) -> None:
         """neurons[rows] += Σ_{batch,pos} Δ[rows] ⊙ grad."""
-        self.neurons[rows] += (delta.take(rows) * source_major(grad)).sum((1, 2)).to(self.neurons.dtype) * weight
+        g = source_major(grad).to(delta.values.device)
+        self.neurons[rows] += (delta.take(rows) * g).sum((1, 2)).to(self.neurons) * weight
 
 
 def _on_grad(t: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> torch.Tensor:
@@ -162,7 +163,7 @@ def activation_interpolation(
             alpha = k / steps
 
             def interpolate(t: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
-                moved = shift.permute(1, 2, 0, 3) if t.dim() == 4 else shift[0]
+                moved = (shift.permute(1, 2, 0, 3) if t.dim() == 4 else shift[0]).to(t.device)
                 out = (t + (1 - alpha) * moved).detach().requires_grad_(True)
                 if acc.level != "edge":
                     out.register_hook(lambda g: acc.add_neurons(rows, delta, g, weight))

@@ -41,10 +41,11 @@ def recorders(
         local = slice(rows.start - window.start, rows.stop - window.start)
 
         def hook(t: torch.Tensor, hook: Any) -> None:
+            value = source_major(t).to(out.device)  # a model split over devices writes to one buffer
             if sign is None:
-                out[local] = source_major(t)
+                out[local] = value
             else:
-                out[local] += sign * source_major(t)
+                out[local] += sign * value
         return hook
 
     return [(s.hook, make(s.rows)) for s in sources(graph) if window.start <= s.rows.start and s.rows.stop <= window.stop]

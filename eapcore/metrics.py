@@ -34,6 +34,7 @@ class Metric:
 
 
 def _masked_mean(values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    ids, mask = ids.to(values.device), mask.to(values.device)
     picked = values.gather(1, ids) * mask
     return picked.sum(1) / mask.sum(1)
 
@@ -48,7 +49,7 @@ def logit_diff(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | 
 def prob_diff(logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Probability mass on the correct answers minus mass on the incorrect ones."""
     probs = logits.softmax(-1)
-    mass = lambda ids, mask: (probs.gather(1, ids) * mask).sum(1)  # noqa: E731
+    mass = lambda ids, mask: (probs.gather(1, ids.to(probs.device)) * mask.to(probs.device)).sum(1)  # noqa: E731
     return mass(batch.correct, batch.correct_mask) - mass(batch.incorrect, batch.incorrect_mask)
 
 
@@ -82,4 +83,4 @@ def get_metric(metric: str | Metric | MetricFn) -> Metric:
 
 def readout(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """``[batch pos d_vocab]`` -> ``[batch d_vocab]`` at each example's last real token."""
-    return logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1]
+    return logits[torch.arange(logits.shape[0], device=logits.device), lengths.to(logits.device) - 1]
