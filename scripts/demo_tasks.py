@@ -105,7 +105,7 @@ FILLER_TEMPLATES = [
     "Friends of {N} went to the {PLACE} .",
 ]
 
-MIXTURE = {"ioi": 0.35, "greater_than": 0.25, "induction": 0.30, "filler": 0.10}
+MIXTURE = {"ioi": 0.45, "greater_than": 0.25, "induction": 0.20, "filler": 0.10}
 INDUCTION_HALF = (4, 16)
 
 

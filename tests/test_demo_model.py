@@ -84,11 +84,6 @@ def test_csvs_use_held_out_names_and_years() -> None:
         assert re.search(r"\b\d{4}\b", row["clean"]).group() in lists["held_out_start_years"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue #3's IOI bar is not met yet: accuracy 0.832 (bar 0.95), corrupted logit difference 0.60 (bar 0.5); "
-    "an XPASS in the report means a retrained checkpoint meets it: then drop this mark",
-)
 def test_ioi_bars(metrics: dict[str, dict]) -> None:
     m = metrics["ioi"]
     assert m["accuracy"] >= 0.95 and m["clean_logit_diff"] >= 3.0 and m["corrupted_logit_diff"] <= 0.5, m
@@ -105,7 +100,6 @@ def test_induction_bars(metrics: dict[str, dict]) -> None:
     assert m["clean_logit_diff"] > m["corrupted_logit_diff"] + 3.0, m
 
 
-@pytest.mark.xfail(strict=False, reason="follows the IOI accuracy shortfall above: 52-53 of 64 without or with two BOS")
 @pytest.mark.parametrize("n_bos", [0, 2])
 def test_ioi_works_without_or_with_two_bos(n_bos: int, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast) -> None:
     hits = []
