@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from eapcore.memory import reset_peak_rss  # noqa: E402
+
 # name -> (n_layer, n_head, n_embd, vocab_size, n_positions); random weights, built from a GPT2Config.
 SHAPES: dict[str, tuple[int, int, int, int, int]] = {
     "gpt2-small": (12, 12, 768, 50257, 1024),
@@ -213,15 +215,6 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def _can_reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class _Sampler(threading.Thread):
     """Fallback peak-RSS sampler (every 1 ms) where the kernel's high-water mark cannot be reset."""
 
@@ -251,7 +244,7 @@ def peak_memory_mib(fn: Callable[[], Any], device: Any) -> tuple[float, str]:
         return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda max_memory_allocated - allocated before"
     if sys.platform.startswith("linux") and os.path.exists("/proc/self/status"):
         _malloc_trim()
-        if _can_reset_hwm():
+        if reset_peak_rss():
             before = _status_kib("VmRSS")
             fn()
             return (_status_kib("VmHWM") - before) / 1024, "peak RSS (VmHWM reset) - RSS before"
