@@ -15,6 +15,7 @@ import torch
 
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import Batch, TokenizedPairs
+from eapcore import fastgrad
 from eapcore.gradients import Accumulator, Delta, activation_interpolation, input_interpolation
 from eapcore.graph import Graph
 from eapcore.interventions import (
@@ -186,6 +187,8 @@ def _gradient_batch(
         delta = Delta(window.start, values)
         if spec.method == "EAP-IG-activations":
             activation_interpolation(model, batch, metric, delta, clean_readout, spec.ig_steps, acc, tick, where)
+        elif spec.level == "edge" and fastgrad.supports(model):
+            fastgrad.input_interpolation(model, batch, metric, delta, clean_readout, spec.alphas(), acc, tick, where)
         else:
             input_interpolation(model, batch, metric, delta, clean_readout, spec.alphas(), acc, tick, where)
 

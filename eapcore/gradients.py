@@ -66,7 +66,7 @@ class Accumulator:
         self.neurons[rows] += (delta.take(rows) * g).sum((1, 2)).to(self.neurons) * weight
 
 
-def _on_grad(t: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> torch.Tensor:
+def on_grad(t: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> torch.Tensor:
     """A copy of ``t`` whose gradient is handed to ``fn``. The copy matters at ``hook_mlp_in``, where
     the bridge hands over the residual stream itself, which also flows past the MLP."""
     if not t.requires_grad:
@@ -94,11 +94,19 @@ def gradient_pass(
     if on_destination is not None:  # only destinations that read a source of the window
         for d in destinations(graph):
             if d.prev > window.start:
-                hooks.append((d.hook, lambda t, hook, d=d: _on_grad(t, lambda g: on_destination(d, g))))
+                hooks.append((d.hook, lambda t, hook, d=d: on_grad(t, lambda g: on_destination(d, g))))
     if on_source is not None:
         for s in sources(graph):
             if window.start <= s.rows.start < window.stop:
-                hooks.append((s.hook, lambda t, hook, s=s: _on_grad(t, lambda g: on_source(s, g))))
+                hooks.append((s.hook, lambda t, hook, s=s: on_grad(t, lambda g: on_source(s, g))))
+    hooked_backward(model, batch, metric, clean_readout, hooks, where)
+
+
+def hooked_backward(
+    model: Any, batch: Batch, metric: Metric, clean_readout: torch.Tensor | None,
+    hooks: list[tuple[str, Callable]], where: str,
+) -> None:
+    """Forward the clean prompt with ``hooks``, then backpropagate the loss (refusing a non-finite one)."""
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(batch.clean)
         loss = metric.loss(readout(logits, batch.lengths), batch, clean_readout)

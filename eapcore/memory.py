@@ -32,6 +32,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from eapcore.fastgrad import SPLIT_ONLY
+
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 MiB = 2**20
 GiB = 2**30
@@ -45,6 +47,11 @@ KEPT_PER_HEAD = 3  # q/k/v input copies per head, per layer (× d_model)
 KEPT_PER_MLP = 4  # gelu_new MLP tensors (× d_mlp)
 KEPT_PER_LAYER = 5  # LayerNorm input, q, k, v, kᵀ (× d_model)
 BACKWARD_PER_HEAD = 4  # the last layer's per-head input gradients and their LayerNorm backward (× d_model)
+# Unsplit gradient passes (eapcore.fastgrad: EAP, EAP-IG-inputs, clean-corrupted at edge level): per layer,
+# norm inputs/outputs, q, k, v, z, MLP input copies and residual sums, plus the head-space sums (× d_model),
+# and per gradient step after the first the kept x̂ and its share of the final contraction.
+KEPT_PER_LAYER_UNSPLIT = 13
+KEPT_PER_LAYER_STEP = 5
 FORWARD_PER_HEAD = 2  # forward-only passes: a layer's per-head input copies in flight (× d_model)
 OTHER_BYTES = 4 * MiB  # small tensors, autograd bookkeeping
 # glibc's malloc keeps most freed blocks (it raises its mmap threshold as big blocks are freed), so on CPU a
@@ -245,6 +252,7 @@ def attribution_estimate(
     n_devices: int = 1,
     allocator_slack: bool | None = None,
     chunks: int = 1,
+    ig_steps: int = 5,
 ) -> Estimate:
     """Peak memory of :func:`eapcore.attribute.attribute` over batches of shapes ``batches`` ``[(B, P), ...]``.
     ``chunks``: the Δ buffer holds the largest window of source rows (``AttributionSpec.chunks``).
@@ -267,18 +275,30 @@ def attribution_estimate(
             Part("small tensors", OTHER_BYTES, "read-outs, masks"),
         ]
     else:
-        kept = B * P * (L * (KEPT_PER_HEAD * H * d + KEPT_PER_MLP * shape.d_mlp + KEPT_PER_LAYER * d) + 2 * d) + B * L * H * P * P
         rows = _window_rows(shape, chunks)
         rows_text = "n_forward" if rows == F else f"rows of the largest of {chunks} windows"
-        parts += [
-            Part("Δ buffer", B * P * rows * d * b, f"B·P·{rows_text}·d_model = {B}·{P}·{rows}·{d} × {b} B"),
-            Part("activations kept for backward", kept * b,
-                 f"B·P·[L·({KEPT_PER_HEAD}H·d_model + {KEPT_PER_MLP}d_mlp + {KEPT_PER_LAYER}d_model) + 2d_model] + B·L·H·P²"),
-            Part("logits gradient or backward working set",
-                 B * P * max(2 * V, BACKWARD_PER_HEAD * H * d - KEPT_PER_MLP * shape.d_mlp - V) * b,
-                 f"B·P·max(2·d_vocab, {BACKWARD_PER_HEAD}H·d_model − {KEPT_PER_MLP}d_mlp − d_vocab)"),
-            Part("small tensors", OTHER_BYTES, "autograd bookkeeping, read-outs, masks"),
-        ]
+        parts.append(Part("Δ buffer", B * P * rows * d * b, f"B·P·{rows_text}·d_model = {B}·{P}·{rows}·{d} × {b} B"))
+        steps = {"EAP": 1, "clean-corrupted": 2}.get(method, ig_steps)
+        if level == "edge" and method in ("EAP", "EAP-IG-inputs", "clean-corrupted") and shape.architecture not in SPLIT_ONLY:
+            per_layer = KEPT_PER_LAYER_UNSPLIT + KEPT_PER_LAYER_STEP * (steps - 1)
+            kept = B * P * (L * (per_layer * d + KEPT_PER_MLP * shape.d_mlp) + 2 * d) + B * L * H * P * P
+            parts += [
+                Part("activations kept for backward (unsplit)", kept * b,
+                     f"B·P·[L·({KEPT_PER_LAYER_UNSPLIT} + {KEPT_PER_LAYER_STEP}·(steps − 1))·d_model + "
+                     f"{KEPT_PER_MLP}d_mlp) + 2d_model] + B·L·H·P², {steps} steps"),
+                Part("logits gradient or backward working set", B * P * max(2 * V, 2 * H * d) * b,
+                     "B·P·max(2·d_vocab, 2H·d_model): the logits' gradient or the final contraction"),
+            ]
+        else:
+            kept = B * P * (L * (KEPT_PER_HEAD * H * d + KEPT_PER_MLP * shape.d_mlp + KEPT_PER_LAYER * d) + 2 * d) + B * L * H * P * P
+            parts += [
+                Part("activations kept for backward", kept * b,
+                     f"B·P·[L·({KEPT_PER_HEAD}H·d_model + {KEPT_PER_MLP}d_mlp + {KEPT_PER_LAYER}d_model) + 2d_model] + B·L·H·P²"),
+                Part("logits gradient or backward working set",
+                     B * P * max(2 * V, BACKWARD_PER_HEAD * H * d - KEPT_PER_MLP * shape.d_mlp - V) * b,
+                     f"B·P·max(2·d_vocab, {BACKWARD_PER_HEAD}H·d_model − {KEPT_PER_MLP}d_mlp − d_vocab)"),
+            ]
+        parts.append(Part("small tensors", OTHER_BYTES, "autograd bookkeeping, read-outs, masks"))
     scores = F * shape.n_backward * acc_bytes + (F * d * acc_bytes if level != "edge" else 0)
     parts.append(Part("score accumulators", scores, "n_forward·n_backward (+ n_forward·d_model) in float32"))
     notes.append(f"largest batch: {B} prompts × {P} positions; {len(batches)} batch(es)")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from eapcore import fastgrad
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.data import PromptPairs, tokenize
 from eapcore.metrics import logit_diff, readout
@@ -62,8 +63,13 @@ def test_reference_forward_matches_hugging_face(hf64, tiny64, pairs):
     torch.testing.assert_close(logits, hf64(clean).logits, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("path", ["fast", "plain"])
 @pytest.mark.parametrize("method", ["EAP", "clean-corrupted", "EAP-IG-inputs"])
-def test_scores_equal_hook_free_autograd(method, hf64, tiny64, pairs):
+def test_scores_equal_hook_free_autograd(method, path, hf64, tiny64, pairs, monkeypatch):
+    """Both gradient paths: unsplit passes (eapcore.fastgrad) and per-head split inputs."""
+    assert fastgrad.supports(tiny64)
+    if path == "plain":
+        monkeypatch.setattr(fastgrad, "supports", lambda model: False)
     data = tokenize(pairs, tiny64.tokenizer)
     spec = AttributionSpec(method=method, ig_steps=3, batch_size=3)
     ours = attribute(tiny64, data, spec).edges

@@ -1,0 +1,188 @@
+"""Edge scores from input interpolation without per-head copies of the residual stream.
+
+With split q/k/v inputs on, the bridge hands every head its own copy of the residual and of the
+attention's input norm, so each gradient pass does that work H times and keeps it for backward. Here
+the gradient passes run with split inputs and per-head results off, and the gradient at head h's q
+(k, v) input is rebuilt from the gradient G_h at the projection's output ``[batch pos head d_head]``
+through the norm's backward, x̂ = (x − μ)·r (no μ for RMSNorm), q = (γ ⊙ x̂) W + c::
+
+    g_h = r · (γ ⊙ G_h Wᵀ − mean_d(γ ⊙ G_h Wᵀ)) − x̂ · r · mean_d((γ ⊙ G_h Wᵀ) ⊙ x̂)
+    mean_d((γ ⊙ G_h Wᵀ) ⊙ x̂) = G_h · (q_h − c_h) / d_model
+
+Both terms are linear in G, so over the interpolation steps a it is enough to keep Σ_a r_a G_a (head
+space), the per-step x̂_a ``[batch pos d_model]`` and c3_a ``[batch pos head]``, and to contract with Δ
+once per destination at the end. Same scores as :func:`eapcore.gradients.input_interpolation` at edge
+level; used where :func:`supports` recognises the attention's input norm and projections.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from eapcore.data import Batch
+from eapcore.gradients import Accumulator, Delta, hooked_backward, on_grad, token_embeddings
+from eapcore.graph import QKV
+from eapcore.metrics import Metric
+from eapcore.sites import Destination, destinations
+
+# verified families (docs/families.md) whose attention norm this module does not rebuild (Gemma: x̂·(1 + γ))
+SPLIT_ONLY = frozenset({"GemmaForCausalLM"})
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "GraniteRMSNorm",
+              "SmolLM3RMSNorm", "Starcoder2RMSNorm")
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """One layer's input norm and q/k/v projections: x̂ = (x − μ)·r, q = (γ ⊙ x̂) W + c."""
+
+    centered: bool  # LayerNorm (subtracts the mean) or RMSNorm
+    eps: float
+    gamma: torch.Tensor | None  # [d_model]
+    weights: dict[str, torch.Tensor]  # which -> W [head d_model d_head]
+    offsets: dict[str, torch.Tensor]  # which -> c [head d_head] (bias + β W)
+
+
+def _norm(module: Any) -> tuple[bool, float, torch.Tensor | None, torch.Tensor | None] | None:
+    """(centered, eps, γ, β) of a LayerNorm or a plain RMSNorm; None for anything else."""
+    if isinstance(module, torch.nn.LayerNorm):
+        return True, module.eps, module.weight, module.bias
+    if type(module).__name__ == "OlmoLayerNorm":  # no weight or bias
+        return True, 1e-5, None, None
+    if type(module).__name__ in _RMS_NORMS:
+        return False, float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))), module.weight, None
+    return None
+
+
+def _attention(model: Any, layer: int) -> _Attention | None:
+    block = model.blocks[layer]
+    norm = _norm(getattr(getattr(block, "ln1", None), "original_component", None))
+    if norm is None:
+        return None
+    centered, eps, gamma, beta = norm
+    H, d_head = model.cfg.n_heads, model.cfg.d_head
+    weights, offsets = {}, {}
+    for which in QKV:
+        linear = getattr(getattr(block.attn, which, None), "original_component", None)
+        if not isinstance(linear, torch.nn.Linear) or linear.out_features != H * d_head:
+            return None
+        w = linear.weight.detach().view(H, d_head, -1).transpose(1, 2)  # [head d_model d_head]
+        c = torch.zeros(H, d_head, dtype=w.dtype, device=w.device)
+        if linear.bias is not None:
+            c = c + linear.bias.detach().view(H, d_head)
+        if beta is not None:
+            c = c + torch.einsum("d,hde->he", beta.detach(), w)
+        weights[which], offsets[which] = w, c
+    return _Attention(centered, eps, None if gamma is None else gamma.detach(), weights, offsets)
+
+
+def supports(model: Any) -> bool:
+    """Whether every layer's attention reads a LayerNorm/RMSNorm through plain q/k/v projections."""
+    names = ("blocks.0.ln1.hook_in", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v")
+    if not all(n in model.hook_dict for n in names):
+        return False
+    return all(_attention(model, layer) is not None for layer in range(model.cfg.n_layers))
+
+
+@contextmanager
+def unsplit(model: Any) -> Iterator[None]:
+    """Split q/k/v inputs and per-head results off for the duration."""
+    model.set_use_split_qkv_input(False)
+    model.set_use_attn_result(False)
+    try:
+        yield
+    finally:
+        model.set_use_split_qkv_input(True)
+        model.set_use_attn_result(True)
+
+
+@dataclass
+class _LayerSums:
+    """Per layer, over steps: Σ r·G per q/k/v ``[batch pos head d_head]``, and per step (c3, x̂)."""
+
+    attn: _Attention
+    rg: dict[str, torch.Tensor] = field(default_factory=dict)
+    c3: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=lambda: {w: [] for w in QKV})
+    step: dict[str, torch.Tensor] = field(default_factory=dict)  # this step's r, x̂ and q/k/v
+
+    def on_norm_input(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self.attn.centered:
+            x = x - x.mean(-1, keepdim=True)
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.attn.eps)
+        self.step["r"], self.step["xhat"] = r, x * r
+
+    def on_projection(self, which: str, out: torch.Tensor) -> torch.Tensor:
+        """Returned, so that the bridge carries on with the very tensor whose gradient is watched."""
+        self.step[which] = out.detach()
+        if out.requires_grad:
+            out.register_hook(lambda g: self.on_gradient(which, g))
+        return out
+
+    def on_gradient(self, which: str, g: torch.Tensor) -> None:
+        r = self.step["r"]  # [batch pos 1]
+        heads = self.attn.offsets[which].shape  # [head d_head]; some bridges hand over [batch pos head*d_head]
+        rg = g.reshape(*g.shape[:2], *heads) * r[..., None]
+        self.rg[which] = rg if which not in self.rg else self.rg[which].add_(rg)
+        base = self.step[which].reshape(rg.shape) - self.attn.offsets[which]
+        xhat = self.step["xhat"]
+        self.c3[which].append(((rg * base).sum(-1) / xhat.shape[-1], xhat))
+
+    def input_gradient(self, which: str) -> torch.Tensor:
+        """Σ_a of the gradient at every head's ``which`` input ``[batch pos head d_model]``."""
+        W = self.attn.weights[which]
+        g = torch.einsum("bphe,hde->bphd", self.rg[which], W)
+        if self.attn.gamma is not None:
+            g = g * self.attn.gamma
+        if self.attn.centered:
+            g = g - g.mean(-1, keepdim=True)
+        c3, xhat = (torch.stack(t) for t in zip(*self.c3[which]))
+        return g - torch.einsum("abph,abpd->bphd", c3, xhat)
+
+
+def input_interpolation(
+    model: Any, batch: Batch, metric: Metric, delta: Delta, clean_readout: torch.Tensor | None,
+    alphas: list[float], acc: Accumulator, tick: Callable[[], None], where: str,
+) -> None:
+    """Edge scores as :func:`eapcore.gradients.input_interpolation` computes them, from unsplit passes."""
+    window = slice(delta.start, delta.stop)
+    corrupted_embed = token_embeddings(model, batch.corrupted)
+    embed_diff = token_embeddings(model, batch.clean) - corrupted_embed
+    by_hook = {d.hook: d for d in destinations(acc.graph)}
+    L = acc.graph.cfg.n_layers
+    layers = {l: _LayerSums(_attention(model, l)) for l in range(L) if acc.graph.attn_prev(l) > window.start}
+    plain = [d for d in by_hook.values() if not d.hook.endswith(("q_input", "k_input", "v_input"))
+             and d.prev > window.start]
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(dst: Destination, g: torch.Tensor) -> None:
+        sums[dst.hook] = g.detach().clone() if dst.hook not in sums else sums[dst.hook].add_(g)
+
+    hooks: list[tuple[str, Callable]] = []
+    for l, s in layers.items():
+        hooks.append((f"blocks.{l}.ln1.hook_in", lambda t, hook, s=s: s.on_norm_input(t)))
+        for which in QKV:
+            hooks.append((f"blocks.{l}.attn.hook_{which}", lambda t, hook, s=s, w=which: s.on_projection(w, t)))
+    for d in plain:
+        hooks.append((d.hook, lambda t, hook, d=d: on_grad(t, lambda g: add(d, g))))
+    with unsplit(model):
+        for step, alpha in enumerate(alphas):
+            def interpolate(t: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
+                return (corrupted_embed + alpha * embed_diff).requires_grad_(True)
+
+            hooked_backward(model, batch, metric, clean_readout, [("hook_embed", interpolate), *hooks],
+                            f"{where}, gradient step {step + 1} of {len(alphas)}")
+            for s in layers.values():
+                s.step.clear()
+            tick()
+    weight = 1.0 / len(alphas)
+    for l, s in layers.items():
+        for which in QKV:
+            if which in s.rg:
+                acc.add_edges(by_hook[f"blocks.{l}.hook_{which}_input"], window, delta, s.input_gradient(which), weight)
+    for d in plain:
+        if d.hook in sums:
+            acc.add_edges(d, window, delta, sums[d.hook], weight)
