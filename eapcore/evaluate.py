@@ -14,10 +14,12 @@ import torch
 
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import Batch, TokenizedPairs
-from eapcore.interventions import make_intervention, source_outputs
+from eapcore import sparse
+from eapcore.interventions import make_intervention, new_buffer, recorders, source_outputs
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_graph, model_lock
 from eapcore.sites import destinations, from_per_column, source_major, sources
+from eapcore.sparse import SparseCircuitRunner
 
 MIB_PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
@@ -28,6 +30,7 @@ class _Prepared:
     ablated: torch.Tensor  # [n_forward batch pos d_model]: what each source carries when ablated
     clean_readout: torch.Tensor  # [batch d_vocab]
     corrupted_readout: torch.Tensor
+    runner: SparseCircuitRunner | None  # evaluates edge circuits node by node, where the model allows
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,17 @@ class CircuitEvaluator:
     def _prepare(self, batch: Batch, intervention: Any) -> _Prepared:
         corrupted, corrupted_logits = source_outputs(self.model, self.graph, batch, batch.corrupted)
         ablated = corrupted if intervention.kind == "patching" else intervention.ablated(self.model, self.graph, batch)
-        clean_logits = self.model(batch.clean)
-        return _Prepared(batch, ablated, readout(clean_logits, batch.lengths), readout(corrupted_logits, batch.lengths))
+        runner = None
+        if sparse.supports(self.model):
+            inputs: list = []
+            clean = new_buffer(self.model, self.graph, batch)
+            hooks = recorders(self.graph, clean) + sparse.input_recorders(self.graph, inputs)
+            clean_logits = self.model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+            runner = SparseCircuitRunner(self.model, self.graph, ablated, clean, inputs, batch.lengths)
+        else:
+            clean_logits = self.model(batch.clean)
+        return _Prepared(batch, ablated, readout(clean_logits, batch.lengths), readout(corrupted_logits, batch.lengths),
+                         runner)
 
     def _metric(self, logits: torch.Tensor, p: _Prepared) -> torch.Tensor:
         return self.metric(logits, p.batch, p.clean_readout).double().cpu()
@@ -94,9 +106,14 @@ class CircuitEvaluator:
         partial = None
         if circuit.neurons is not None:  # in-circuit edges still ablate their parent's excluded dimensions
             partial = ((real & circuit.edges.cpu()).to(like), (~circuit.neurons.cpu()).to(like))
+        if partial is None and not bool(patch_mask.any()):  # the full graph: the clean run, cached
+            return torch.cat([self._metric(p.clean_readout, p) for p in prepared])
         values = []
         with model_lock(self.model), torch.inference_mode():
             for p in prepared:
+                if p.runner is not None and partial is None:
+                    values.append(self._metric(p.runner.readout(real & circuit.edges.cpu()), p))
+                    continue
                 logits = self.model.run_with_hooks(p.batch.clean, fwd_hooks=self._hooks(p.ablated, patch_mask, partial))
                 values.append(self._metric(readout(logits, p.batch.lengths), p))
         return torch.cat(values)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from eapcore import sparse
 from eapcore.circuit import Circuit
 from eapcore.data import tokenize
 from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, Curve, normalized
@@ -15,9 +16,16 @@ from eapcore.models import model_graph
 from reference_gpt2 import forward
 
 
-@pytest.fixture(scope="module")
-def evaluator(tiny64, pairs):
-    return CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), batch_size=3)
+@pytest.fixture(scope="module", params=["sparse", "hooked"])
+def evaluator(request, tiny64, pairs):
+    """Both evaluation paths: node by node (eapcore.sparse, GPT-2) and one hooked forward pass."""
+    ev = CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), batch_size=3)
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "hooked":
+            mp.setattr(sparse, "supports", lambda model: False)
+        ev._prepared()  # the path is chosen when the ablated outputs are cached
+    assert (ev._prepared()[0].runner is not None) == (request.param == "sparse")
+    return ev
 
 
 def hand_patched(hf, graph, data, keep, metric="logit_diff"):
@@ -31,12 +39,13 @@ def hand_patched(hf, graph, data, keep, metric="logit_diff"):
     return torch.cat(values)
 
 
-def test_full_circuit_is_clean_and_empty_is_corrupted(evaluator):
+def test_full_circuit_is_clean_and_empty_is_corrupted(evaluator, tiny_dir, pairs):
+    hf = GPT2LMHeadModel.from_pretrained(tiny_dir, dtype=torch.float64).eval()
     base = evaluator.baseline()
-    full = evaluator.evaluate(Circuit.full(evaluator.graph)).mean().item()
+    full = evaluator.evaluate(Circuit.full(evaluator.graph))  # looked up: the cached clean run
     empty = evaluator.evaluate(Circuit.empty(evaluator.graph)).mean().item()
     assert abs(base.clean - base.corrupted) > 0.1
-    assert full == pytest.approx(base.clean, abs=1e-5)
+    torch.testing.assert_close(full, hand_patched(hf, evaluator.graph, evaluator.data, evaluator.graph.real_edge_mask))
     assert empty == pytest.approx(base.corrupted, abs=1e-5)
 
 
@@ -86,3 +95,49 @@ def test_kl_metric_is_zero_for_full_circuit(tiny64, pairs):
     assert ev.baseline().clean == pytest.approx(0.0, abs=1e-9)
     assert ev.evaluate(Circuit.full(ev.graph)).abs().max() < 1e-9
     assert ev.baseline().corrupted > 0
+
+
+def _rows(pairs, rows):
+    return type(pairs)(*(tuple(getattr(pairs, f)[i] for i in rows) for f in ("clean", "corrupted", "correct", "incorrect")))
+
+
+def _both_paths(model, data, intervention, batch_size=3):
+    sparse_ev = CircuitEvaluator(model, data, batch_size=batch_size, intervention=intervention)
+    hooked = CircuitEvaluator(model, data, batch_size=batch_size, intervention=intervention)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sparse, "supports", lambda model: False)
+        hooked._prepared()
+    assert sparse_ev._prepared()[0].runner is not None and hooked._prepared()[0].runner is None
+    return sparse_ev, hooked
+
+
+@pytest.mark.parametrize("intervention", ["patching", "zero", "mean", "mean-positional"])
+def test_sparse_evaluation_equals_the_hooked_pass(intervention, tiny64, pairs):
+    """Random circuits from very sparse (a node needed only at the last token) to dense, every intervention."""
+    if intervention == "mean-positional":  # needs prompts of one length
+        pairs = _rows(pairs, [i for i, c in enumerate(pairs.clean) if len(c.split()) == 4])
+    data = tokenize(pairs, tiny64.tokenizer)
+    fast, hooked = _both_paths(tiny64, data, intervention)
+    graph = fast.graph
+    gen = torch.Generator().manual_seed(1)
+    for density in (0.0, 0.03, 0.1, 0.3, 0.7, 1.0):
+        for _ in range(3):
+            keep = graph.real_edge_mask & (torch.rand(graph.real_edge_mask.shape, generator=gen) < density)
+            circuit = Circuit(graph, keep, torch.ones(graph.n_forward, dtype=torch.bool))
+            torch.testing.assert_close(fast.evaluate(circuit), hooked.evaluate(circuit), rtol=1e-10, atol=1e-10)
+
+
+def test_sparse_evaluation_on_the_demo_model_top_circuits():
+    from eapcore.attribute import AttributionSpec, attribute
+    from eapcore.data import PromptPairs
+    from eapcore.models import load_model
+    from eapcore.select import top_n
+    from eapcore.tasks import get_task
+
+    model = load_model("demo", device="cpu", dtype="float32")
+    data = tokenize(_rows(PromptPairs.from_csv(get_task("ioi").csv.read_bytes()), range(48)), model.tokenizer)
+    scores = attribute(model, data, AttributionSpec(method="EAP", batch_size=48))
+    fast, hooked = _both_paths(model, data, "patching", batch_size=16)
+    for n in (1, 5, 24, 96, 240, 479):
+        circuit = top_n(scores, n)
+        torch.testing.assert_close(fast.evaluate(circuit), hooked.evaluate(circuit), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,200 @@
+"""Circuit evaluation that computes only the nodes a circuit reads from (GPT-2 family).
+
+Destination v's input under a circuit C is X_v + Σ_{(u,v) ∈ C} (a_u − ā_u): its input with every edge
+ablated, X_v = c_v + Σ_u ā_u (c_v: position embeddings and output biases, which no edge carries),
+plus, for each in-circuit edge, the parent's actual output minus its ablated one. So a node whose
+outgoing edges are all outside C is never computed, heads are computed one by one from their own q/k/v
+inputs, and the logits only at each example's last real token. A small circuit costs a fraction of a
+forward pass; the full graph about one. Same values as the hooked evaluation (tests/test_evaluate.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from eapcore.graph import QKV, Graph
+from eapcore.models import architecture
+from eapcore.sites import destinations
+
+
+def supports(model: Any) -> bool:
+    """GPT-2 with plain scaled attention and per-head q/k/v projections (as the bridge splits them)."""
+    if architecture(model) != "GPT2LMHeadModel":
+        return False
+    hf = model.original_model.config
+    if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx or hf.reorder_and_upcast_attn:
+        return False
+    attn = model.blocks[0].attn
+    return all(isinstance(getattr(getattr(attn, w, None), "original_component", None), torch.nn.Linear) for w in QKV)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    ln1: torch.nn.Module
+    ln2: torch.nn.Module
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    w: dict[str, torch.Tensor]  # q, k, v: [head d_model d_head]
+    b: dict[str, torch.Tensor]  # q, k, v: [head d_head]
+    w_o: torch.Tensor  # [head d_head d_model]
+
+    def project(self, which: str, x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+        """Per-head inputs ``[n ... d_model]`` -> q, k or v ``[n ... d_head]`` of ``heads``."""
+        w, b = self.w[which][heads], self.b[which][heads]
+        y = torch.einsum("n...d,nde->n...e", self.ln1(x), w)
+        return y + b.view(len(heads), *[1] * (y.dim() - 2), -1)
+
+    def output(self, z: torch.Tensor, heads: list[int]) -> torch.Tensor:
+        """z ``[n ... d_head]`` -> each head's result ``[n ... d_model]``."""
+        return torch.einsum("n...e,ned->n...d", z, self.w_o[heads])
+
+
+def _layer(model: Any, layer: int) -> _Layer:
+    block = model.blocks[layer]
+    H, dh = model.cfg.n_heads, model.cfg.d_head
+    w, b = {}, {}
+    for which in QKV:
+        linear = getattr(block.attn, which).original_component
+        w[which] = linear.weight.view(H, dh, -1).transpose(1, 2)
+        b[which] = linear.bias.view(H, dh) if linear.bias is not None else torch.zeros(H, dh).to(linear.weight)
+    o = block.attn.o.original_component  # GPT-2's Conv1D holds [in out], a Linear [out in]
+    w_o = (o.weight.T if isinstance(o, torch.nn.Linear) else o.weight).reshape(H, dh, -1)
+    return _Layer(block.ln1.original_component, block.ln2.original_component, _mlp(block.mlp.original_component), w, b, w_o)
+
+
+def _mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """GPT-2's MLP, with its tanh-approximated GELU (five elementwise passes in Hugging Face's
+    ``NewGELUActivation``) as PyTorch's one fused kernel of the same formula."""
+    if type(mlp.act).__name__ == "NewGELUActivation":
+        return lambda x: mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
+    return mlp
+
+
+class SparseCircuitRunner:
+    """Evaluates circuits on one prepared batch from cached ablated inputs.
+
+    ``ablated``: ``[n_forward batch pos d_model]`` what sources carry when ablated; ``clean``: their
+    clean-run outputs; ``clean_inputs``: the clean run's input at every destination group (attention of
+    each layer, MLP of each layer, logits), each ``[batch pos d_model]``.
+
+    A node is computed at every position only if some in-circuit path leads from it into a key or
+    value input; otherwise (it feeds the logits, queries or MLPs that feed the logits) only at the last
+    real tokens, ``[batch d_model]``."""
+
+    def __init__(self, model: Any, graph: Graph, ablated: torch.Tensor, clean: torch.Tensor,
+                 clean_inputs: list[torch.Tensor], lengths: torch.Tensor) -> None:
+        self.model, self.graph, self.ablated = model, graph, ablated
+        self.layers = [_layer(model, layer) for layer in range(graph.cfg.n_layers)]
+        self.rows, self.last = torch.arange(ablated.shape[1], device=ablated.device), lengths.to(ablated.device) - 1
+        self.input_delta = clean[0] - ablated[0]  # the input node's actual output is its clean one
+        # X_v = c_v + Σ_{u < prev} ā_u, with c_v = clean input − Σ_{u < prev} clean_u
+        prevs = [d.prev for d in destinations(graph) if d.hook.endswith(("q_input", "mlp_in", "resid_post"))]
+        shift = (ablated - clean).cumsum(0)
+        self.all_ablated = [x + shift[p - 1] for x, p in zip(clean_inputs, prevs)]
+        self.ablated_last = self._at_last(ablated)
+        # per destination column: does it read all positions (k, v), and which node reads through it
+        self.reads_all = torch.zeros(graph.n_backward, dtype=torch.bool)
+        self.reader = torch.full((graph.n_backward,), graph.n_forward)  # the logits: a node never computed fully
+        for layer in range(graph.cfg.n_layers):
+            for which in QKV:
+                for h in range(graph.cfg.n_heads):
+                    col = graph.qkv_column(layer, which, h)
+                    self.reads_all[col], self.reader[col] = which != "q", graph.head_index(layer, h)
+            self.reader[graph.mlp_column(layer)] = graph.mlp_index(layer)
+
+    def _at_last(self, t: torch.Tensor) -> torch.Tensor:
+        """``[... batch pos d]`` -> ``[... batch d]`` at each example's last real token."""
+        return t[..., self.rows, self.last, :]
+
+    def _plan(self, keep: torch.Tensor) -> tuple[list[bool], list[bool]]:
+        """(needed, everywhere) per source row: read by some in-circuit edge; needed at every position."""
+        needed = keep.any(1)
+        everywhere = torch.zeros(self.graph.n_forward + 1, dtype=torch.bool)
+        for u in reversed(needed.nonzero().flatten().tolist()):  # readers come after their parents
+            everywhere[u] = bool((keep[u] & (self.reads_all | everywhere[self.reader])).any())
+        return needed.tolist(), everywhere.tolist()
+
+    def readout(self, keep: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch d_vocab]`` at the last real tokens when only the edges in ``keep``
+        ``[n_forward n_backward]`` (bool, real edges) carry actual outputs."""
+        g, H = self.graph, self.graph.cfg.n_heads
+        needed, everywhere = self._plan(keep)
+        delta = torch.zeros_like(self.ablated)  # a_u − ā_u of sources computed at every position
+        delta_last = torch.zeros_like(self.ablated_last)  # ... and of every computed source, at the last tokens
+        delta[0], delta_last[0] = self.input_delta, self._at_last(self.input_delta)
+
+        def store(rows: list[int], out: torch.Tensor, full: bool) -> None:
+            if full:
+                delta[rows] = out - self.ablated[rows]
+                delta_last[rows] = self._at_last(delta[rows])
+            else:
+                delta_last[rows] = out - self.ablated_last[rows]
+
+        for layer, weights in enumerate(self.layers):
+            base, base_mlp = self.all_ablated[2 * layer], self.all_ablated[2 * layer + 1]
+            heads = [h for h in range(H) if needed[g.head_index(layer, h)]]
+            if heads:
+                prev = g.attn_prev(layer)
+                kv = self._inputs(base, keep, delta, prev, [g.qkv_column(layer, w, h) for w in "kv" for h in heads])
+                k, v = (weights.project(w, kv[i * len(heads):(i + 1) * len(heads)], heads) for i, w in enumerate("kv"))
+                for full in (True, False):
+                    sub = [i for i, h in enumerate(heads) if everywhere[g.head_index(layer, h)] == full]
+                    if not sub:
+                        continue
+                    chosen = [heads[i] for i in sub]
+                    q_cols = [g.qkv_column(layer, "q", h) for h in chosen]
+                    q_in = (self._inputs(base, keep, delta, prev, q_cols) if full
+                            else self._inputs(self._at_last(base), keep, delta_last, prev, q_cols))
+                    z = _attend(weights.project("q", q_in, chosen), k[sub], v[sub], None if full else self.last)
+                    store([g.head_index(layer, h) for h in chosen], weights.output(z, chosen), full)
+            row = g.mlp_index(layer)
+            if needed[row]:
+                full, cols = everywhere[row], [g.mlp_column(layer)]
+                x = (self._inputs(base_mlp, keep, delta, g.mlp_prev(layer), cols) if full
+                     else self._inputs(self._at_last(base_mlp), keep, delta_last, g.mlp_prev(layer), cols))
+                store([row], weights.mlp(weights.ln2(x)), full)
+        final = self._inputs(self._at_last(self.all_ablated[-1]), keep, delta_last, g.n_forward, [g.logits_column])[0]
+        return self.model.unembed.original_component(self.model.ln_final.original_component(final))
+
+    @staticmethod
+    def _inputs(base: torch.Tensor, keep: torch.Tensor, delta: torch.Tensor, prev: int, cols: list[int]) -> torch.Tensor:
+        """``[len(cols) *base.shape]``: base + Σ over each column's in-circuit parents of their Δ."""
+        mask = keep[:prev, cols]
+        parents = mask.any(1).nonzero().flatten()
+        if len(parents) == 0:
+            return base.expand(len(cols), *base.shape)
+        add = mask[parents].T.to(delta) @ delta[parents].reshape(len(parents), -1)
+        return base + add.view(len(cols), *base.shape)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention per head: q ``[n batch pos d_head]`` (or ``[n batch d_head]`` at positions ``last``
+    ``[batch]``), k, v ``[n batch pos d_head]`` -> z shaped like q."""
+    P = k.shape[-2]
+    if last is None:
+        scores = q @ k.transpose(-1, -2)  # [n batch pos pos]
+        allowed = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
+    else:
+        scores = (q[..., None, :] @ k.transpose(-1, -2))[..., 0, :]  # [n batch pos]
+        allowed = torch.arange(P, device=q.device)[None, :] <= last[:, None]
+    scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    pattern = scores.softmax(-1)
+    return pattern @ v if last is None else (pattern[..., None, :] @ v)[..., 0, :]
+
+
+def input_recorders(graph: Graph, store: list[torch.Tensor | None]) -> list:
+    """Forward hooks that write the input of every destination group (attention and MLP of each layer,
+    logits) into ``store``, in that order, as ``[batch pos d_model]``."""
+    wanted = [d.hook for d in destinations(graph) if d.hook.endswith(("q_input", "mlp_in", "resid_post"))]
+    store[:] = [None] * len(wanted)
+
+    def make(slot: int) -> Any:
+        def hook(t: torch.Tensor, hook: Any) -> None:
+            store[slot] = (t[:, :, 0] if t.dim() == 4 else t).detach().clone()
+        return hook
+
+    return [(h, make(i)) for i, h in enumerate(wanted)]
