@@ -74,7 +74,7 @@ class CircuitEvaluator:
         corrupted, corrupted_logits = source_outputs(self.model, self.graph, batch, batch.corrupted)
         ablated = corrupted if intervention.kind == "patching" else intervention.ablated(self.model, self.graph, batch)
         runner = None
-        if sparse.supports(self.model):
+        if sparse.supports(self.model, batch.n_pos):
             inputs: list = []
             clean = new_buffer(self.model, self.graph, batch)
             hooks = recorders(self.graph, clean) + sparse.input_recorders(self.graph, inputs)

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from eapcore.fastgrad import SPLIT_ONLY
+from eapcore.sparse import ARCHITECTURES as SPARSE_ARCHITECTURES
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 MiB = 2**20
@@ -328,6 +329,11 @@ def evaluation_estimate(
     parts += [
         Part("cached ablated outputs", cached, "Σ_batches B·P·n_forward·d_model"),
         Part("cached read-outs", 2 * n * V * b, "2·N·d_vocab (clean and corrupted logits at the read-out)"),
+    ]
+    if shape.architecture in SPARSE_ARCHITECTURES:  # eapcore.sparse: every destination group's ablated input
+        L = shape.n_layers
+        parts.append(Part("cached ablated inputs", cached // F * (2 * L + 2), "Σ_batches B·P·(2L + 2)·d_model"))
+    parts += [
         Part("patch difference buffer", B * P * F * d * b, f"B·P·n_forward·d_model = {B}·{P}·{F}·{d} × {b} B"),
         Part("forward working set", B * P * (FORWARD_PER_HEAD * H * d + V) * b + B * H * P * P * b,
              f"B·P·({FORWARD_PER_HEAD}H·d_model + d_vocab) + B·H·P²"),

@@ -1,4 +1,4 @@
-"""Circuit evaluation that computes only the nodes a circuit reads from (GPT-2 family).
+"""Circuit evaluation that computes only the nodes a circuit reads from (GPT-2 and Llama-style models).
 
 Destination v's input under a circuit C is X_v + Σ_{(u,v) ∈ C} (a_u − ā_u): its input with every edge
 ablated, X_v = c_v + Σ_u ā_u (c_v: position embeddings and output biases, which no edge carries),
@@ -10,7 +10,6 @@ forward pass; the full graph about one. Same values as the hooked evaluation (te
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,15 +21,28 @@ from eapcore.models import architecture
 from eapcore.sites import destinations
 
 
-def supports(model: Any) -> bool:
-    """GPT-2 with plain scaled attention and per-head q/k/v projections (as the bridge splits them)."""
-    if architecture(model) != "GPT2LMHeadModel":
-        return False
-    hf = model.original_model.config
-    if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx or hf.reorder_and_upcast_attn:
+_ROTARY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+ARCHITECTURES = _ROTARY | {"GPT2LMHeadModel"}
+
+
+def supports(model: Any, n_pos: int = 0) -> bool:
+    """GPT-2 (plain scaled attention) or a Llama-style model (rotary attention, optional q/k norms, a
+    sliding window no shorter than ``n_pos``), with per-head q/k/v projections as the bridge splits them."""
+    name = architecture(model)
+    if name not in ARCHITECTURES:
         return False
     attn = model.blocks[0].attn
-    return all(isinstance(getattr(getattr(attn, w, None), "original_component", None), torch.nn.Linear) for w in QKV)
+    if not all(isinstance(getattr(getattr(attn, w, None), "original_component", None), torch.nn.Linear) for w in QKV):
+        return False
+    hf = model.original_model.config
+    if name == "GPT2LMHeadModel":
+        return bool(hf.scale_attn_weights and not hf.scale_attn_by_inverse_layer_idx and not hf.reorder_and_upcast_attn)
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
+    return (window is None or window >= n_pos) and _rotary_embedding(model) is not None
+
+
+def _rotary_embedding(model: Any) -> torch.nn.Module | None:
+    return getattr(getattr(model.original_model, "model", None), "rotary_emb", None)
 
 
 @dataclass(frozen=True)
@@ -41,12 +53,16 @@ class _Layer:
     w: dict[str, torch.Tensor]  # q, k, v: [head d_model d_head]
     b: dict[str, torch.Tensor]  # q, k, v: [head d_head]
     w_o: torch.Tensor  # [head d_head d_model]
+    scaling: float
+    head_norms: dict[str, torch.nn.Module]  # q, k: norms over d_head before the rotation (Qwen3)
 
     def project(self, which: str, x: torch.Tensor, heads: list[int]) -> torch.Tensor:
-        """Per-head inputs ``[n ... d_model]`` -> q, k or v ``[n ... d_head]`` of ``heads``."""
+        """Per-head inputs ``[n ... d_model]`` -> q, k or v ``[n ... d_head]`` of ``heads`` (q and k
+        after any per-head norm, before any rotation)."""
         w, b = self.w[which][heads], self.b[which][heads]
         y = torch.einsum("n...d,nde->n...e", self.ln1(x), w)
-        return y + b.view(len(heads), *[1] * (y.dim() - 2), -1)
+        y = y + b.view(len(heads), *[1] * (y.dim() - 2), -1)
+        return self.head_norms[which](y) if which in self.head_norms else y
 
     def output(self, z: torch.Tensor, heads: list[int]) -> torch.Tensor:
         """z ``[n ... d_head]`` -> each head's result ``[n ... d_model]``."""
@@ -63,15 +79,25 @@ def _layer(model: Any, layer: int) -> _Layer:
         b[which] = linear.bias.view(H, dh) if linear.bias is not None else torch.zeros(H, dh).to(linear.weight)
     o = block.attn.o.original_component  # GPT-2's Conv1D holds [in out], a Linear [out in]
     w_o = (o.weight.T if isinstance(o, torch.nn.Linear) else o.weight).reshape(H, dh, -1)
-    return _Layer(block.ln1.original_component, block.ln2.original_component, _mlp(block.mlp.original_component), w, b, w_o)
+    hf_attn = block.attn.original_component
+    scaling = float(getattr(hf_attn, "scaling", dh**-0.5))
+    norms = {w: getattr(hf_attn, f"{w}_norm") for w in "qk" if getattr(hf_attn, f"{w}_norm", None) is not None}
+    mlp = block.mlp.original_component
+    return _Layer(block.ln1.original_component, block.ln2.original_component, _mlp(mlp), w, b, w_o, scaling, norms)
 
 
 def _mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """GPT-2's MLP, with its tanh-approximated GELU (five elementwise passes in Hugging Face's
+    """The block's MLP; GPT-2's tanh-approximated GELU (five elementwise passes in Hugging Face's
     ``NewGELUActivation``) as PyTorch's one fused kernel of the same formula."""
-    if type(mlp.act).__name__ == "NewGELUActivation":
+    if type(getattr(mlp, "act", None)).__name__ == "NewGELUActivation":
         return lambda x: mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
     return mlp
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` ``[... d_head]`` with ``cos``/``sin`` broadcastable to it."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
 class SparseCircuitRunner:
@@ -90,6 +116,11 @@ class SparseCircuitRunner:
         self.model, self.graph, self.ablated = model, graph, ablated
         self.layers = [_layer(model, layer) for layer in range(graph.cfg.n_layers)]
         self.rows, self.last = torch.arange(ablated.shape[1], device=ablated.device), lengths.to(ablated.device) - 1
+        self.real = torch.arange(ablated.shape[2], device=ablated.device)[None, :] <= self.last[:, None]  # [batch pos]
+        self.rotary = None  # cos, sin [pos d_head]
+        if (embedding := _rotary_embedding(model)) is not None and architecture(model) in _ROTARY:
+            positions = torch.arange(ablated.shape[2], device=ablated.device)[None]
+            self.rotary = tuple(t[0] for t in embedding(ablated[0, :1], positions))
         self.input_delta = clean[0] - ablated[0]  # the input node's actual output is its clean one
         # X_v = c_v + Σ_{u < prev} ā_u, with c_v = clean input − Σ_{u < prev} clean_u
         prevs = [d.prev for d in destinations(graph) if d.hook.endswith(("q_input", "mlp_in", "resid_post"))]
@@ -141,6 +172,7 @@ class SparseCircuitRunner:
                 prev = g.attn_prev(layer)
                 kv = self._inputs(base, keep, delta, prev, [g.qkv_column(layer, w, h) for w in "kv" for h in heads])
                 k, v = (weights.project(w, kv[i * len(heads):(i + 1) * len(heads)], heads) for i, w in enumerate("kv"))
+                k = self._position(k, None)
                 for full in (True, False):
                     sub = [i for i, h in enumerate(heads) if everywhere[g.head_index(layer, h)] == full]
                     if not sub:
@@ -149,16 +181,29 @@ class SparseCircuitRunner:
                     q_cols = [g.qkv_column(layer, "q", h) for h in chosen]
                     q_in = (self._inputs(base, keep, delta, prev, q_cols) if full
                             else self._inputs(self._at_last(base), keep, delta_last, prev, q_cols))
-                    z = _attend(weights.project("q", q_in, chosen), k[sub], v[sub], None if full else self.last)
+                    at = None if full else self.last
+                    z = _attend(self._position(weights.project("q", q_in, chosen), at), k[sub], v[sub], at, weights.scaling,
+                                None if self.rotary is None else torch.float32)
                     store([g.head_index(layer, h) for h in chosen], weights.output(z, chosen), full)
             row = g.mlp_index(layer)
             if needed[row]:
                 full, cols = everywhere[row], [g.mlp_column(layer)]
-                x = (self._inputs(base_mlp, keep, delta, g.mlp_prev(layer), cols) if full
-                     else self._inputs(self._at_last(base_mlp), keep, delta_last, g.mlp_prev(layer), cols))
-                store([row], weights.mlp(weights.ln2(x)), full)
+                if full:  # real tokens only: padding is 10-20% of a typical batch
+                    x = self._inputs(base_mlp, keep, delta, g.mlp_prev(layer), cols)[0]
+                    out = self.ablated[row].clone()
+                    out[self.real] = weights.mlp(weights.ln2(x[self.real]))
+                else:
+                    out = weights.mlp(weights.ln2(self._inputs(self._at_last(base_mlp), keep, delta_last, g.mlp_prev(layer), cols)))
+                store([row], out, full)
         final = self._inputs(self._at_last(self.all_ablated[-1]), keep, delta_last, g.n_forward, [g.logits_column])[0]
         return self.model.unembed.original_component(self.model.ln_final.original_component(final))
+
+    def _position(self, x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+        """Rotate q or k ``[n batch pos d_head]`` (or ``[n batch d_head]`` at positions ``at``), if rotary."""
+        if self.rotary is None:
+            return x
+        cos, sin = (t if at is None else t[at] for t in self.rotary)
+        return _rotate(x, cos, sin)
 
     @staticmethod
     def _inputs(base: torch.Tensor, keep: torch.Tensor, delta: torch.Tensor, prev: int, cols: list[int]) -> torch.Tensor:
@@ -171,9 +216,11 @@ class SparseCircuitRunner:
         return base + add.view(len(cols), *base.shape)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor | None, scaling: float,
+            softmax_dtype: torch.dtype | None) -> torch.Tensor:
     """Causal attention per head: q ``[n batch pos d_head]`` (or ``[n batch d_head]`` at positions ``last``
-    ``[batch]``), k, v ``[n batch pos d_head]`` -> z shaped like q."""
+    ``[batch]``), k, v ``[n batch pos d_head]`` -> z shaped like q; the softmax in ``softmax_dtype`` (as
+    the Hugging Face model computes it; None: the model's dtype)."""
     P = k.shape[-2]
     if last is None:
         scores = q @ k.transpose(-1, -2)  # [n batch pos pos]
@@ -181,8 +228,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tenso
     else:
         scores = (q[..., None, :] @ k.transpose(-1, -2))[..., 0, :]  # [n batch pos]
         allowed = torch.arange(P, device=q.device)[None, :] <= last[:, None]
-    scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    pattern = scores.softmax(-1)
+    scores = (scores * scaling).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    pattern = scores.softmax(-1, dtype=softmax_dtype).to(v.dtype)
     return pattern @ v if last is None else (pattern[..., None, :] @ v)[..., 0, :]
 
 

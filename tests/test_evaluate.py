@@ -22,7 +22,7 @@ def evaluator(request, tiny64, pairs):
     ev = CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), batch_size=3)
     with pytest.MonkeyPatch.context() as mp:
         if request.param == "hooked":
-            mp.setattr(sparse, "supports", lambda model: False)
+            mp.setattr(sparse, "supports", lambda model, n_pos=0: False)
         ev._prepared()  # the path is chosen when the ablated outputs are cached
     assert (ev._prepared()[0].runner is not None) == (request.param == "sparse")
     return ev
@@ -105,7 +105,7 @@ def _both_paths(model, data, intervention, batch_size=3):
     sparse_ev = CircuitEvaluator(model, data, batch_size=batch_size, intervention=intervention)
     hooked = CircuitEvaluator(model, data, batch_size=batch_size, intervention=intervention)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sparse, "supports", lambda model: False)
+        mp.setattr(sparse, "supports", lambda model, n_pos=0: False)
         hooked._prepared()
     assert sparse_ev._prepared()[0].runner is not None and hooked._prepared()[0].runner is None
     return sparse_ev, hooked

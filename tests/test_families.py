@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 
-from eapcore import fastgrad
+from eapcore import fastgrad, sparse
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.circuit import Circuit
 from eapcore.data import tokenize
@@ -408,3 +408,26 @@ def test_fast_path_gives_the_plain_path_scores(family, data, monkeypatch):
     plain = attribute(model, data, spec).edges
     # 1e-5, not 1e-12: some norms compute in float32 even in a float64 model
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-7 * float(plain.abs().max()))
+
+
+# families whose circuits eapcore.sparse evaluates node by node (the others take the hooked forward pass)
+SPARSE_EVALUATION = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
+
+
+def test_sparse_evaluation_equals_the_hooked_pass(family, data, monkeypatch):
+    name, _, model = family
+    assert sparse.supports(model, data.data.clean.shape[1]) == (name in SPARSE_EVALUATION)
+    if name not in SPARSE_EVALUATION:
+        return
+    fast = CircuitEvaluator(model, data, batch_size=3)
+    hooked = CircuitEvaluator(model, data, batch_size=3)
+    monkeypatch.setattr(sparse, "supports", lambda model, n_pos=0: False)
+    hooked._prepared()
+    monkeypatch.undo()
+    assert fast._prepared()[0].runner is not None and hooked._prepared()[0].runner is None
+    graph, gen = fast.graph, torch.Generator().manual_seed(0)
+    for density in (0.0, 0.05, 0.2, 0.5, 0.9):
+        for _ in range(2):
+            keep = graph.real_edge_mask & (torch.rand(graph.real_edge_mask.shape, generator=gen) < density)
+            circuit = Circuit(graph, keep, torch.ones(graph.n_forward, dtype=torch.bool))
+            torch.testing.assert_close(fast.evaluate(circuit), hooked.evaluate(circuit), rtol=1e-9, atol=1e-9)
