@@ -73,37 +73,21 @@ def profile(fn: Callable[[], None], rows: int, device: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gpt2-small",
-                   help=f"{', '.join(common.SHAPES)} (random weights), 'demo', or a save_pretrained folder")
-    p.add_argument("--data", default="random", help="'random' token ids, a shipped task (ioi, ...) or a CSV path")
-    p.add_argument("--n", type=int, default=32, help="number of prompt pairs")
-    p.add_argument("--length", type=int, default=16, help="tokens per prompt (random data)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p = common.parser(__doc__, model="gpt2-small", data="random", n=32, batch_size=32)
     p.add_argument("--steps", type=int, default=5, help="IG steps (EAP-IG-inputs)")
     p.add_argument("--method", default="EAP-IG-inputs", choices=("EAP", "EAP-IG-inputs", "clean-corrupted"))
-    p.add_argument("--metric", help="default: the task's metric, else logit_diff")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default=common.default_device())
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    common.add_run_arguments(p, repeats=5, warmup=1)
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="also print a torch.profiler table of one run of ours (top ROWS ops)")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from eapcore.attribute import AttributionSpec
     from eapcore.metrics import get_metric
 
-    with common.model_folder(args.model) as folder:
-        hf, bridge = common.load_pair(folder, args.device, args.dtype)
-    data, task_metric = common.load_data(args.data, bridge, args.n, args.length, args.seed)
+    hf, bridge, data, task_metric = common.setup(args)
     spec = AttributionSpec(args.method, args.steps, args.metric or task_metric, batch_size=args.batch_size)
     metric = get_metric(spec.metric)
     diff = check_same_model(hf, bridge, data, args.device)

@@ -42,36 +42,20 @@ def make_scores(bridge: Any, data: Any, how: str, metric: str, batch_size: int, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo",
-                   help=f"'demo', a save_pretrained folder, or {', '.join(common.SHAPES)} (random weights)")
-    p.add_argument("--data", default="ioi", help="a shipped task (ioi, ...), a CSV path, or 'random' token ids")
-    p.add_argument("--n", type=int, default=256, help="number of prompt pairs")
-    p.add_argument("--length", type=int, default=16, help="tokens per prompt (random data)")
-    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size (the app uses 128)")
-    p.add_argument("--metric", help="default: the task's metric, else logit_diff")
+    p = common.parser(__doc__, model="demo", data="ioi", n=256, batch_size=128)  # the app evaluates in batches of 128
     p.add_argument("--scores", default="EAP-IG-inputs",
                    help="where the circuit's edge ranking comes from: an attribution method, or 'random'")
     p.add_argument("--percent", type=float, default=5.0, help="slider position: the top PERCENT%% of edges")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default=common.default_device())
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    common.add_run_arguments(p, repeats=7, warmup=2)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, edges_for_percent, faithfulness_curve
     from eapcore.select import top_n
 
-    with common.model_folder(args.model) as folder:
-        hf, bridge = common.load_pair(folder, args.device, args.dtype)
-    data, task_metric = common.load_data(args.data, bridge, args.n, args.length, args.seed)
+    hf, bridge, data, task_metric = common.setup(args)
     metric = args.metric or task_metric
     scores = make_scores(bridge, data, args.scores, metric, args.batch_size, args.seed)
     n_edges = edges_for_percent(scores.graph, args.percent)

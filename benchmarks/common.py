@@ -135,6 +135,41 @@ def load_data(spec: str, bridge: Any, n: int, length: int, seed: int = 0) -> tup
 
 
 # ----------------------------------------------------------------------------- timing
+def parser(doc: str, model: str, data: str, n: int, batch_size: int) -> Any:
+    """An argument parser with the model and data arguments every benchmark takes, with these defaults."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=model,
+                   help=f"'demo', a save_pretrained folder, or {', '.join(SHAPES)} (random weights)")
+    p.add_argument("--data", default=data, help="a shipped task (ioi, ...), a CSV path, or 'random' token ids")
+    p.add_argument("--n", type=int, default=n, help="number of prompt pairs")
+    p.add_argument("--length", type=int, default=16, help="tokens per prompt (random data)")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--metric", help="default: the task's metric, else logit_diff")
+    return p
+
+
+def add_run_arguments(p: Any, repeats: int, warmup: int) -> None:
+    """The arguments every benchmark shares: repeats, warm-up runs, device, dtype, threads, seed."""
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def setup(args: Any) -> tuple[Any, Any, Any, str]:
+    """Threads, then the model pair and the data a benchmark's arguments name: (hf, bridge, data, task metric)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with model_folder(args.model) as folder:
+        hf, bridge = load_pair(folder, args.device, args.dtype)
+    data, task_metric = load_data(args.data, bridge, args.n, args.length, args.seed)
+    return hf, bridge, data, task_metric
+
+
 def sync(device: Any) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
