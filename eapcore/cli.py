@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context()
     try:
         if args.command == "run-jobs":
-            from eapcore.jobs import load_job
+            from eapcore.jobfile import load_job
 
             job = load_job(args.job)
             ctx = setup(job.device, job.device_map) if not args.dry_run else ctx

@@ -13,7 +13,7 @@ from eapcore.attribute import AttributionSpec, attribute
 from eapcore.cli import main
 from eapcore.data import PromptPairs, tokenize
 from eapcore.export import load_pt
-from eapcore.jobs import JobError, load_job
+from eapcore.jobfile import JobError, load_job
 from eapcore.models import model_graph
 
 CSV = "clean,corrupted,correct,incorrect\n" + "\n".join(
