@@ -26,4 +26,5 @@ PAGES = [
 ]
 page = st.navigation(PAGES)
 widgets.sidebar_status()
+state.show_interrupted()  # on whichever page comes next: a cancelled or interrupted attribution says so
 page.run()

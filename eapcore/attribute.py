@@ -65,11 +65,11 @@ class AttributionSpec:
         if self.level == "neuron" and self.method == "exact":
             raise ValueError("exact scoring works at edge or node level; use level='edge' or 'node'")
         if isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, int) or self.ig_steps < 1:
-            raise ValueError(f"ig_steps must be a positive integer, got {self.ig_steps!r}; 5 is the usual choice")
+            raise ValueError(f"ig_steps (--ig-steps) must be a positive integer, got {self.ig_steps!r}; 5 is the usual choice")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {self.batch_size!r}; try 32")
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
-            raise ValueError(f"chunks must be a positive integer, got {self.chunks!r}")
+            raise ValueError(f"chunks (--chunks) must be a positive integer, got {self.chunks!r}; 1 keeps the whole Δ buffer")
 
     def alphas(self) -> list[float]:
         """Where input-interpolation methods take gradients, as the weight of the clean embeddings."""

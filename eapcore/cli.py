@@ -83,9 +83,16 @@ def _pairs(args: argparse.Namespace) -> tuple[PromptPairs, str]:
     return PromptPairs.from_csv(task.csv), args.metric or task.metric
 
 
-def _load_data(args: argparse.Namespace, model: Any) -> tuple[TokenizedPairs, str]:
-    pairs, metric = _pairs(args)
-    return tokenize(pairs, model.tokenizer, model.cfg.n_ctx), metric
+def _load_data(args: argparse.Namespace, ctx: Context) -> tuple[Any, TokenizedPairs, str]:
+    """(model, tokenized pairs, metric). The CSV is read and checked before the model is loaded, so a bad
+    file fails in a moment even when the model is large."""
+    from eapcore.distributed import collective
+    from eapcore.models import load_model
+
+    pairs, metric = collective(lambda: _pairs(args), ctx)
+    model = collective(lambda: load_model(_model_spec(args, ctx)), ctx)
+    data = collective(lambda: tokenize(pairs, model.tokenizer, model.cfg.n_ctx), ctx)
+    return model, data, metric
 
 
 def _check_out(path: str) -> None:
@@ -108,15 +115,13 @@ def _bar_callback(bar: Any):
 
 
 def _attribute(args: argparse.Namespace, ctx: Context) -> None:
-    from eapcore.distributed import attribute_parallel, collective
+    from eapcore.distributed import attribute_parallel
     from eapcore.export import save_json, save_pt
-    from eapcore.models import load_model
 
     _check_out(args.out)
     # fail fast on a refused combination, before loading the model (the metric is checked once the data is read)
     AttributionSpec(args.method, args.ig_steps, "logit_diff", args.intervention, args.batch_size, args.level, args.chunks)
-    model = collective(lambda: load_model(_model_spec(args, ctx)), ctx)
-    data, metric = collective(lambda: _load_data(args, model), ctx)
+    model, data, metric = _load_data(args, ctx)
     spec = AttributionSpec(args.method, args.ig_steps, metric, args.intervention, args.batch_size, args.level, args.chunks)
     with _progress_bar(args.method, ctx.main) as bar:
         scores = attribute_parallel(model, data, spec, ctx, progress=_bar_callback(bar)).cpu()
@@ -133,11 +138,10 @@ def _evaluate(args: argparse.Namespace, ctx: Context) -> None:
     from eapcore.distributed import check_size, collective, reduce_means, shard
     from eapcore.evaluate import CircuitEvaluator, normalized
     from eapcore.export import load_circuit
-    from eapcore.models import load_model, model_graph
+    from eapcore.models import model_graph
     from eapcore.select import threshold, top_n
 
-    model = collective(lambda: load_model(_model_spec(args, ctx)), ctx)
-    data, metric = collective(lambda: _load_data(args, model), ctx)
+    model, data, metric = _load_data(args, ctx)
     scores, stored = collective(lambda: load_circuit(args.circuit, expected=model_graph(model)), ctx)
     if args.top_n is not None:
         circuit = top_n(scores, args.top_n)
@@ -182,7 +186,8 @@ def _dry_run(args: argparse.Namespace) -> None:
     device, n_devices = _estimate_device(args)
     if args.command == "attribute":
         AttributionSpec(args.method, args.ig_steps, metric, args.intervention, args.batch_size, args.level, args.chunks)
-        est = attribution_estimate(shape, batches, args.method, args.dtype, device, args.level, n_devices, chunks=args.chunks)
+        est = attribution_estimate(shape, batches, args.method, args.dtype, device, args.level, n_devices,
+                                   chunks=args.chunks, ig_steps=args.ig_steps)
         chunked = f", {args.chunks} chunks" if args.chunks > 1 else ""
         what = f"{args.method} ({args.ig_steps} steps), {args.level} level, {args.intervention}{chunked}"
     else:
@@ -288,7 +293,8 @@ def _jobs_dry_run(job: Any, records: list) -> None:
             if key not in lengths:
                 lengths[key] = _token_lengths(source, PromptPairs.from_csv(run.task.csv), shapes[source].n_ctx)
             est = attribution_estimate(shapes[source], batch_shapes(lengths[key], job.batch_size), run.settings.method,
-                                       job.dtype, device, run.settings.level, chunks=run.settings.chunks)
+                                       job.dtype, device, run.settings.level, chunks=run.settings.chunks,
+                                       ig_steps=run.settings.ig_steps)
             estimate = human(est.total)
         print(f"{rec.file:<{width}}  {rec.status:<8}  {estimate}{'  ' + rec.message if rec.message else ''}")
 

@@ -8,17 +8,26 @@ example's last real token.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import difflib
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 import torch
 
 COLUMNS = ("clean", "corrupted", "correct", "incorrect")
 MAX_ROWS = 50_000
+MAX_CSV_BYTES = 50 * 2**20  # the app's upload limit too (.streamlit/config.toml: maxUploadSize = 50)
+_QUOTING = (
+    'put cells that hold commas, quotes or newlines in double quotes ("a, b"; a quote inside is written "") '
+    "so that every row has the header's columns"
+)
 
 
 class DataError(ValueError):
@@ -81,7 +90,7 @@ class PromptPairs:
         for row, (c, k) in enumerate(zip(clean, corrupted), start=1):
             for column, text in (("clean", c), ("corrupted", k)):
                 if not isinstance(text, str) or text.strip() == "":
-                    raise DataError(f"row {row}: the {column} prompt is empty; write the prompt text")
+                    raise DataError(f"row {row}: the {column} prompt is empty (or only whitespace); write the prompt text")
         return cls(
             clean=tuple(clean),
             corrupted=tuple(corrupted),
@@ -95,34 +104,45 @@ class PromptPairs:
         missing = [c for c in COLUMNS if c not in columns]
         if missing:
             raise DataError(
-                f"missing column(s) {', '.join(missing)}; found {columns}. The table needs the columns "
-                f"{', '.join(COLUMNS)}"
+                f"missing column(s) {', '.join(missing)}; found {columns}{_rename_hint(missing, columns)}. "
+                f"The table needs the columns {', '.join(COLUMNS)}"
             )
         frame = frame.rename(columns=lambda c: str(c).strip())
         cells = {c: [None if _is_missing(v) else v for v in frame[c].tolist()] for c in COLUMNS}
         return cls.from_lists(*(cells[c] for c in COLUMNS))
 
     @classmethod
-    def from_csv(cls, source: str | Path | bytes | io.IOBase) -> "PromptPairs":
-        """Read a CSV file, path or bytes (UTF-8; quoted cells may hold commas and newlines)."""
+    def from_csv(cls, source: str | Path | bytes | IO, max_bytes: int = MAX_CSV_BYTES) -> "PromptPairs":
+        """Read a CSV path, bytes or file object (UTF-8; quoted cells may hold commas and newlines).
+
+        Memory stays bounded by the limits, not by the file: a file over ``max_bytes`` is refused before
+        it is read, the bytes are decoded as they are parsed (no decoded copy of the whole file), and
+        parsing stops after ``MAX_ROWS + 1`` rows."""
         import pandas as pd
 
-        if isinstance(source, bytes):
+        with _csv_handle(source, max_bytes) as (handle, encoding):
             try:
-                source = io.StringIO(source.decode("utf-8-sig"))
-            except UnicodeDecodeError as e:
+                frame = pd.read_csv(handle, dtype=str, keep_default_na=False, nrows=MAX_ROWS + 1, encoding=encoding)
+            except pd.errors.EmptyDataError:
                 raise DataError(
-                    f"the CSV is not UTF-8 text (byte {e.start}: {source[e.start:e.start + 1]!r}); "
-                    "save it as UTF-8 and upload again"
+                    "the CSV is empty; it needs a header row clean,corrupted,correct,incorrect and data rows"
                 ) from None
-        try:
-            frame = pd.read_csv(source, dtype=str, keep_default_na=False, nrows=MAX_ROWS + 1)
-        except pd.errors.EmptyDataError:
-            raise DataError("the CSV is empty; it needs a header row clean,corrupted,correct,incorrect and data rows") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"the CSV is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-        except pd.errors.ParserError as e:
-            raise DataError(f"the CSV could not be parsed: {e}; check quoting and the number of columns") from None
+            except UnicodeDecodeError:
+                raise DataError(_utf8_problem(handle)) from None
+            except pd.errors.ParserError as e:
+                detail = str(e).replace("Error tokenizing data. C error: ", "").strip()
+                raise DataError(f"the CSV could not be parsed ({detail}); {_QUOTING}") from None
+        if not isinstance(frame.index, pd.RangeIndex):  # pandas made the extra leading cells an index
+            raise DataError(
+                f"row 1 has more cells than the header's {len(frame.columns)} columns {list(frame.columns)}; {_QUOTING}"
+            )
+        if len(frame) > MAX_ROWS:
+            raise DataError(
+                f"the CSV has more than the limit of {MAX_ROWS} prompt pairs (reading stopped at row {MAX_ROWS + 1}); "
+                f"keep at most {MAX_ROWS} rows, e.g. a random sample, and load it again"
+            )
+        if len(frame) == 0 and set(COLUMNS) <= {str(c).strip() for c in frame.columns}:
+            raise DataError("the CSV has a header row but no prompt pairs; add one row per pair below the header")
         return cls.from_frame(frame)
 
     def fingerprint(self) -> str:
@@ -133,6 +153,71 @@ class PromptPairs:
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
+
+
+def _rename_hint(missing: list[str], found: list[str]) -> str:
+    """``; rename 'Clean' to 'clean'`` for found columns that look like a missing one (case, typos)."""
+    spare = [c for c in found if c not in COLUMNS]
+    hints = []
+    for name in missing:
+        close = difflib.get_close_matches(name, [c.lower() for c in spare], n=1, cutoff=0.7)
+        if close:
+            match = next(c for c in spare if c.lower() == close[0])
+            spare.remove(match)
+            hints.append(f"rename {match!r} to {name!r}")
+    return f"; {', '.join(hints)}" if hints else ""
+
+
+@contextlib.contextmanager
+def _csv_handle(source: Any, max_bytes: int) -> Iterator[tuple[Any, str | None]]:
+    """(handle, encoding) for ``pd.read_csv``: a binary handle decoded as UTF-8 while parsing, or a text
+    handle as given. Refuses a file of more than ``max_bytes`` before reading it."""
+    if isinstance(source, (str, os.PathLike)):
+        _check_size(os.path.getsize(source), max_bytes)
+        with open(source, "rb") as f:
+            yield f, "utf-8-sig"
+        return
+    if isinstance(source, io.TextIOBase):
+        yield source, None
+        return
+    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    if handle.seekable():
+        start = handle.tell()
+        _check_size(handle.seek(0, io.SEEK_END) - start, max_bytes)
+        handle.seek(start)
+    yield handle, "utf-8-sig"
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise DataError(
+            f"the CSV is {size / 2**20:.1f} MB, more than the limit of {max_bytes / 2**20:.0f} MB; split it into "
+            f"smaller files (at most {MAX_ROWS} pairs are used from one file)"
+        )
+
+
+def _utf8_problem(handle: Any) -> str:
+    """Where a binary CSV stops being UTF-8: byte offset, line and the text before it, read in 1 MiB chunks."""
+    handle.seek(0)
+    offset, line, pending = 0, 1, b""
+    while True:
+        chunk = handle.read(1 << 20)
+        data = pending + chunk
+        try:
+            _, used = codecs.utf_8_decode(data, "strict", not chunk)
+        except UnicodeDecodeError as e:
+            before = data[max(0, e.start - 30) : e.start].decode("utf-8", "replace").splitlines()
+            line += data.count(b"\n", 0, e.start)
+            after = f", after {before[-1]!r}" if before and before[-1] else ""
+            return (
+                f"the CSV is not UTF-8 text: byte {offset + e.start} (line {line}{after}) is 0x{data[e.start]:02x}; "
+                "save the file as UTF-8 (e.g. Excel: Save As "
+                "'CSV UTF-8'; or iconv -f latin1 -t utf-8) and load it again"
+            )
+        if not chunk:
+            return "the CSV is not UTF-8 text; save the file as UTF-8 and load it again"
+        line += data.count(b"\n", 0, used)
+        offset, pending = offset + used, data[used:]
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,8 +313,10 @@ def tokenize(pairs: PromptPairs, tokenizer: Any, n_ctx: int | None = None) -> To
                 "prompt so both have the same number of tokens"
             )
         if n_ctx is not None and len(c) > n_ctx:
+            start = pairs.clean[row - 1][:40] + ("..." if len(pairs.clean[row - 1]) > 40 else "")
             raise DataError(
-                f"row {row}: the prompt is {len(c)} tokens, longer than the model's context of {n_ctx}; shorten it"
+                f"row {row}: the prompt is {len(c)} tokens, longer than the model's context of {n_ctx} (clean "
+                f"{start!r}); shorten it to at most {n_ctx - len(bos)} tokens or use a model with a longer context"
             )
         clean.append(c)
         corrupted.append(k)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from eapcore.schema import (
 )
 
 PathLike = str | os.PathLike
+_DAMAGED = "the file may be truncated or corrupted: export or download it again"
 REQUIRED_PT_KEYS = ("cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph")
 
 
@@ -105,11 +107,15 @@ def _torch_load(path: PathLike, fail: FileCheck) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
+        opcode = re.search(r"Unsupported operand (\d+)", str(e))
+        if opcode:  # garbage bytes, or a pickle the weights-only reader cannot parse: either way nothing ran
+            fail(f"it could not be read (not a torch.save file of tensors: the weights-only reader stopped at pickle "
+                 f"opcode {opcode.group(1)} and nothing was unpickled); {_DAMAGED}")
         if "weights only" in str(e).lower():
             fail("it contains non-tensor objects and was refused for safety (it was not unpickled)")
-        fail(f"it could not be read ({type(e).__name__}); the file may be truncated or corrupted")
+        fail(f"it could not be read ({type(e).__name__}); {_DAMAGED}")
     except Exception as e:  # torch raises RuntimeError, OSError, EOFError, KeyError, ... for bad bytes
-        fail(f"it could not be read ({type(e).__name__}: {e!s:.120}); the file may be truncated or corrupted")
+        fail(f"it could not be read ({type(e).__name__}: {e!s:.120}); {_DAMAGED}")
 
 
 def _check_tensor(data: dict, key: str, shape: tuple, kind: str, fail: FileCheck) -> torch.Tensor:
@@ -124,6 +130,22 @@ def _check_tensor(data: dict, key: str, shape: tuple, kind: str, fail: FileCheck
     return t if kind == "bool" else t.float()
 
 
+def _check_names(key: str, found: Any, names: list[str], fail: FileCheck) -> None:
+    """``found`` must be exactly the graph's node names in order; the message shows the first difference."""
+    if not isinstance(found, (list, tuple)) or not all(isinstance(n, str) for n in found):
+        fail(f"{key!r} must be a list of node names, got {type(found).__name__}")
+    found = list(found)
+    if found == names:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(found, names)) if a != b), min(len(found), len(names)))
+    what = f"entry {i} is {found[i]!r}" if i < len(found) else f"it ends after {len(found)} names"
+    want = f"{names[i]!r}" if i < len(names) else f"no entry (it has {len(names)} names)"
+    fail(
+        f"{key!r} does not list this graph's node names in order: {what} where the graph has {want}; the file "
+        "is for another model or was edited: load the model it was made for, or export the circuit again"
+    )
+
+
 def load_pt(path: PathLike, expected: Graph | None = None) -> tuple[Scores, Circuit]:
     """Read a ``.pt`` circuit file (never a full unpickle) and check it against its own ``cfg`` and,
     when given, the ``expected`` graph of the loaded model."""
@@ -136,8 +158,7 @@ def load_pt(path: PathLike, expected: Graph | None = None) -> tuple[Scores, Circ
         fail(f"the required key(s) {missing} are missing (found {sorted(map(str, data))})")
     graph = graph_for(data["cfg"], fail, expected)
     for key, names in (("src_nodes", graph.src_nodes), ("dst_nodes", graph.dst_nodes)):
-        if list(data[key]) != names:
-            fail(f"{key!r} does not list this graph's node names in order (expected {names[:3]} ...)")
+        _check_names(key, data[key], names, fail)
     F, B, d = graph.n_forward, graph.n_backward, graph.cfg.d_model
     shapes = {
         "edges_scores": ((F, B), "float"),

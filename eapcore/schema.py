@@ -13,6 +13,7 @@ import torch
 
 from eapcore.graph import Graph, GraphConfig
 
+_OTHER_MODEL = "Is the file for another model, or edited? Load the model it was made for, or export the circuit again"
 NodeTables = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
@@ -105,7 +106,7 @@ def parse_json(text: str, fail: FileCheck) -> dict:
     try:
         data = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
-        fail(f"it is not valid JSON ({e}); the file may be truncated or corrupted")
+        fail(f"it is not valid JSON ({e}); the file may be truncated or corrupted: export or download it again")
     if not isinstance(data, dict):
         fail(f"the top level must be an object, got {type(data).__name__}")
     for key in ("cfg", "nodes", "edges"):
@@ -141,7 +142,7 @@ def read_json_nodes(nodes: dict, graph: Graph, fail: FileCheck) -> NodeTables:
     names = graph.src_nodes
     unknown = sorted(set(nodes) - set(graph.node_names))
     if unknown:
-        fail(f"{len(unknown)} unknown node name(s), e.g. {unknown[0]!r}; nodes are {names[:3]} ... 'logits'")
+        fail(f"{len(unknown)} unknown node name(s), e.g. {unknown[0]!r}; nodes are {names[:3]} ... 'logits'. {_OTHER_MODEL}")
     missing = [name for name in names if name not in nodes]
     if missing:
         fail(f"{len(missing)} node(s) missing, e.g. {missing[0]!r}; every node of the graph must be listed")
@@ -175,7 +176,7 @@ def read_json_edges(edges: dict, graph: Graph, fail: FileCheck) -> tuple[torch.T
         except ValueError:
             unknown.append(name)
     if unknown:
-        fail(f"{len(unknown)} unknown edge name(s), e.g. {unknown[0]!r}; edges look like 'input->a0.h0<q>'")
+        fail(f"{len(unknown)} unknown edge name(s), e.g. {unknown[0]!r}; edges look like 'input->a0.h0<q>'. {_OTHER_MODEL}")
     if len(cells) != graph.n_edges:
         listed = torch.zeros_like(graph.real_edge_mask)
         listed[tuple(torch.tensor(cells, dtype=torch.long).reshape(-1, 2).T)] = True

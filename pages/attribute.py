@@ -56,10 +56,11 @@ if spec is not None:
         passes = -(-n_pairs // spec.batch_size) * per_batch
         st.caption(f"{n_pairs} pairs ({s.data_label}) · {passes} passes over batches of {spec.batch_size}"
                    + (" · **cached: this run is instant**" if cached else ""))
-        b1, b2 = st.columns([1, 3])
+        b1, b2, b3 = st.columns([1.1, 0.8, 3])
         run = b1.button("Run attribution", type="primary", icon=":material/play_arrow:", key="run_attribution")
+        cancel_slot = b2.empty()
         s.setdefault("w_open_explore", True)
-        open_explore = b2.checkbox("Open Explore when done", key="w_open_explore")
+        open_explore = b3.checkbox("Open Explore when done", key="w_open_explore")
         if run:
             with state.guard("Attribution failed"):
                 bar = st.progress(0.0, text="Loading the model and data ...")
@@ -67,11 +68,15 @@ if spec is not None:
                 start = time.perf_counter()
 
                 def progress(done: int, total: int) -> None:
+                    # Each update is also where Streamlit stops this run when Cancel (or another widget) is clicked.
                     elapsed = time.perf_counter() - start
                     eta = elapsed / done * (total - done) if done else 0.0
                     bar.progress(done / total, text=f"{done}/{total} passes · {elapsed:.1f} s elapsed · about {eta:.1f} s left")
 
-                scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress)
+                cancel_slot.button("Cancel", icon=":material/stop:", key="cancel_attribution", on_click=state.request_cancel,
+                                   help="Stop this attribution; the previous scores are kept")
+                with state.interruptible("Attribution", cancel_slot):
+                    scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress)
                 bar.progress(1.0, text="cached result" if timing.cached else f"done in {timing.seconds:.1f} s")
                 label = f"{spec.method}" + (f" ({spec.ig_steps} steps)" if "IG" in spec.method else "")
                 label += f", {level} level" if level != "edge" else ""

@@ -47,7 +47,8 @@ elif source == "Upload CSV":
     if upload is not None and s.get("applied_upload") != upload.file_id:
         s.applied_upload, s.upload_error = upload.file_id, None
         try:
-            use(PromptPairs.from_csv(upload.getvalue()), f"file: {upload.name}")
+            upload.seek(0)  # read in place: no copy of the file, at most MAX_ROWS + 1 rows parsed
+            use(PromptPairs.from_csv(upload), f"file: {upload.name}")
         except Exception as e:  # noqa: BLE001 - shown below while this file stays selected
             s.upload_error = f"{upload.name} was not loaded: {e}"
     if upload is not None and s.get("upload_error"):

@@ -44,7 +44,11 @@ def from_slider() -> None:
 
 
 def from_box() -> None:
-    s.n_edges = int(s.w_n_box)
+    n = int(s.w_n_box)
+    if n > total:  # no max_value on the box: say why the number changed instead of silently clamping it
+        s.explore_note = f"{n:,} is more than the {total:,} {unit} in the graph; showing the whole graph ({total:,})."
+        n = s.w_n_box = total
+    s.n_edges = n
     s.w_n_slider = snap(s.n_edges)
 
 
@@ -64,7 +68,7 @@ def panel() -> None:
     scale = "log scale" if len(grid) < total + 1 else "every size"
     c1.select_slider(f"{unit.capitalize()} in the circuit (top by score, {scale})", options=grid, key="w_n_slider",
                      on_change=from_slider)
-    c2.number_input("Exact count", min_value=0, max_value=total, step=1, key="w_n_box", on_change=from_box)
+    c2.number_input("Exact count", min_value=0, step=1, key="w_n_box", on_change=from_box, help=f"0 to {total:,}")
     s.absolute = c3.toggle("Rank by |score|", key="w_absolute", help="Off: rank by signed score")
     with state.guard("Evaluation failed"):
         result = cache.evaluate_top_n(evaluator, scores, int(s.n_edges), s.absolute)
@@ -77,7 +81,9 @@ def panel() -> None:
             "Nodes": f"{result.circuit.n_nodes} / {graph.n_forward}",
         })
         note = st.empty()  # always present, so that the elements below keep their places between reruns
-        if result.circuit.n_edges == 0:
+        if s.get("explore_note"):
+            note.info(s.pop("explore_note"), icon=":material/info:")
+        elif result.circuit.n_edges == 0:
             note.info("After pruning, none of these lies on a path from input to logits: add more.")
         widgets.show_graph(scores, result.circuit)
         bar = st.empty()

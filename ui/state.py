@@ -5,7 +5,8 @@ each page copies widget values into the plain keys below (see :func:`widget_valu
 
 Keys: ``model_spec`` (ModelSpec), ``pairs`` (PromptPairs), ``data_label`` (str), ``metric`` (str),
 ``attr_spec`` (AttributionSpec), ``scores`` (Scores or absent), ``scores_key`` (str), ``scores_label``
-(str), ``n_edges`` (int), ``absolute`` (bool), ``imported`` (dict or absent).
+(str), ``n_edges`` (int), ``absolute`` (bool), ``imported`` (dict or absent); ``running`` and
+``cancel_requested`` while an attribution runs or was just cancelled (:func:`interruptible`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,51 @@ def set_scores(scores: Any, key: str, label: str, n_edges: int | None = None) ->
 def clear_scores() -> None:
     for key in ("scores", "scores_key", "scores_label", "n_edges"):
         st.session_state.pop(key, None)
+
+
+RUNNING = "running"  # what an interrupted run leaves behind (see :func:`interruptible`)
+CANCEL = "cancel_requested"
+
+
+@contextlib.contextmanager
+def interruptible(what: str, cancel_slot: Any = None) -> Iterator[None]:
+    """Mark a long call (``what``, e.g. "Attribution") as running. A click on Cancel (or on any other
+    widget) makes Streamlit stop this run by raising at its next ``st.*`` call (from the progress
+    callback); the engine's ``finally`` blocks remove the hooks and release the model lock on the way
+    out, and the mark stays set, so the next run can say so (:func:`show_interrupted`). The session's
+    scores are only replaced after the call returns, so an interrupted run leaves them as they were.
+    ``cancel_slot`` (the ``st.empty`` holding the Cancel button) is cleared when the call ends by itself."""
+    s = st.session_state
+    s[RUNNING] = what
+    try:
+        yield
+    except Exception:  # an ordinary error: the caller reports it; Streamlit's rerun signal is no Exception
+        _finished(cancel_slot)
+        raise
+    _finished(cancel_slot)
+
+
+def _finished(cancel_slot: Any) -> None:
+    st.session_state.pop(RUNNING, None)
+    if cancel_slot is not None:
+        cancel_slot.empty()
+
+
+def request_cancel() -> None:
+    """``on_click`` of a Cancel button: runs at the start of the rerun that the click forced."""
+    st.session_state[CANCEL] = True
+
+
+def show_interrupted() -> None:
+    """Say that the previous run of a long call was cancelled (or interrupted by leaving the page)."""
+    s = st.session_state
+    what, cancelled = s.pop(RUNNING, None), s.pop(CANCEL, False)
+    kept = "the previous scores are kept." if s.get("scores") is not None else "no scores were changed."
+    if what and cancelled:
+        st.info(f"{what} cancelled; {kept}", icon=":material/cancel:")
+    elif what:
+        st.warning(f"{what} was interrupted because the page changed while it ran; {kept} Run it again to finish.",
+                   icon=":material/warning:")
 
 
 def widget_value(widget_key: str, canonical: str) -> None:
