@@ -43,6 +43,7 @@ def test_an_exception_in_a_hooked_pass_leaves_no_hooks(method, tiny32, pairs):
     with pytest.raises(RuntimeError, match="boom"):
         attribute(tiny32, data, spec, metric=failing_metric(RuntimeError("boom"), after=1))
     assert attached_hooks(tiny32) == 0
+    assert tiny32.cfg.use_split_qkv_input and tiny32.cfg.use_attn_result  # the fast path switches them off meanwhile
     assert torch.equal(attribute(tiny32, data, spec).edges, before)
 
 
