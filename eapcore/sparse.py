@@ -212,7 +212,10 @@ class SparseCircuitRunner:
         parents = mask.any(1).nonzero().flatten()
         if len(parents) == 0:
             return base.expand(len(cols), *base.shape)
-        add = mask[parents].T.to(delta) @ delta[parents].reshape(len(parents), -1)
+        if 2 * len(parents) > prev:  # most rows: multiply through all of them rather than copy them out
+            add = mask.T.to(delta) @ delta[:prev].reshape(prev, -1)
+        else:
+            add = mask[parents].T.to(delta) @ delta[parents].reshape(len(parents), -1)
         return base + add.view(len(cols), *base.shape)
 
 
