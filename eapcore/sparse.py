@@ -122,10 +122,14 @@ class SparseCircuitRunner:
             positions = torch.arange(ablated.shape[2], device=ablated.device)[None]
             self.rotary = tuple(t[0] for t in embedding(ablated[0, :1], positions))
         self.input_delta = clean[0] - ablated[0]  # the input node's actual output is its clean one
-        # X_v = c_v + Σ_{u < prev} ā_u, with c_v = clean input − Σ_{u < prev} clean_u
+        # X_v = c_v + Σ_{u < prev} ā_u, with c_v = clean input − Σ_{u < prev} clean_u (a running sum: no
+        # temporary the size of the cache)
         prevs = [d.prev for d in destinations(graph) if d.hook.endswith(("q_input", "mlp_in", "resid_post"))]
-        shift = (ablated - clean).cumsum(0)
-        self.all_ablated = [x + shift[p - 1] for x, p in zip(clean_inputs, prevs)]
+        shift, done, self.all_ablated = torch.zeros_like(clean[0]), 0, []
+        for x, prev in zip(clean_inputs, prevs):
+            shift += (ablated[done:prev] - clean[done:prev]).sum(0)
+            done = prev
+            self.all_ablated.append(x + shift)
         self.ablated_last = self._at_last(ablated)
         # per destination column: does it read all positions (k, v), and which node reads through it
         self.reads_all = torch.zeros(graph.n_backward, dtype=torch.bool)
