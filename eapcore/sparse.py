@@ -1,4 +1,4 @@
-"""Circuit evaluation that computes only the nodes a circuit reads from (GPT-2 and Llama-style models).
+"""Circuit evaluation that computes only the nodes a circuit reads from (GPT-2, Llama-style, Pythia).
 
 Destination v's input under a circuit C is X_v + Σ_{(u,v) ∈ C} (a_u − ā_u): its input with every edge
 ablated, X_v = c_v + Σ_u ā_u (c_v: position embeddings and output biases, which no edge carries),
@@ -21,13 +21,15 @@ from eapcore.models import architecture
 from eapcore.sites import destinations
 
 
-_ROTARY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+_ROTARY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "GPTNeoXForCausalLM"})
 ARCHITECTURES = _ROTARY | {"GPT2LMHeadModel"}
 
 
 def supports(model: Any, n_pos: int = 0) -> bool:
-    """GPT-2 (plain scaled attention) or a Llama-style model (rotary attention, optional q/k norms, a
-    sliding window no shorter than ``n_pos``), with per-head q/k/v projections as the bridge splits them."""
+    """GPT-2 (plain scaled attention), a Llama-style model (rotary attention, optional q/k norms, a
+    sliding window no shorter than ``n_pos``) or GPT-NeoX/Pythia (partial rotary, parallel or sequential
+    residual), with per-head q/k/v projections as the bridge splits them."""
     name = architecture(model)
     if name not in ARCHITECTURES:
         return False
@@ -42,7 +44,9 @@ def supports(model: Any, n_pos: int = 0) -> bool:
 
 
 def _rotary_embedding(model: Any) -> torch.nn.Module | None:
-    return getattr(getattr(model.original_model, "model", None), "rotary_emb", None)
+    """The Hugging Face model's rotary embedding module (``model.model`` or, in GPT-NeoX, ``gpt_neox``)."""
+    inner = getattr(model.original_model, "model", None) or getattr(model.original_model, "gpt_neox", None)
+    return getattr(inner, "rotary_emb", None)
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,12 @@ def _mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of ``x`` ``[... d_head]`` with ``cos``/``sin`` broadcastable to it."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+    """Rotary position embedding of ``x`` ``[... d_head]``; ``cos``/``sin`` ``[... rotary_dim]`` rotate its
+    first ``rotary_dim`` dimensions (all of them, or a part as in Pythia) and leave the rest."""
+    n = cos.shape[-1]
+    rot, rest = x[..., :n], x[..., n:]
+    rot = rot * cos + torch.cat((-rot[..., n // 2:], rot[..., : n // 2]), -1) * sin
+    return torch.cat((rot, rest), -1) if rest.shape[-1] else rot
 
 
 class SparseCircuitRunner:
