@@ -25,6 +25,10 @@ PAGES = [
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]
 page = st.navigation(PAGES)
-widgets.sidebar_status()
+status = st.sidebar.empty()
+with status.container():
+    widgets.sidebar_status()
 state.show_interrupted()  # on whichever page comes next: a cancelled or interrupted attribution says so
 page.run()
+with status.container():  # again, with what the page changed (a page that stops early keeps the first)
+    widgets.sidebar_status()

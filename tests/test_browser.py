@@ -222,6 +222,8 @@ def run_to_the_end(page: Any, steps: int) -> None:
     page.get_by_role("button", name="Run attribution").click()
     expect(page.get_by_text(re.compile(r"^done in \d+\.\d s$"))).to_be_visible()
     expect(page.get_by_text(re.compile(rf"^EAP-IG-inputs \({steps} steps\), logit_diff"))).to_be_visible()
+    sidebar = page.get_by_test_id("stSidebar")  # redrawn after the page, so it already names these scores
+    expect(sidebar.get_by_text(re.compile(rf"^Scores: EAP-IG-inputs \({steps} steps\)"))).to_be_visible()
 
 
 def test_cancel_stops_attribution_and_a_second_run_completes(browser: Browser, shots: Path) -> None:

@@ -28,14 +28,14 @@ def show_graph(scores: Scores, circuit: Circuit, height: int = GRAPH_HEIGHT, max
 
 
 def sidebar_status() -> None:
+    """The session's model, data and scores, in the current container (the app puts it in the sidebar)."""
     s = st.session_state
-    with st.sidebar:
-        st.markdown("**Session**")
-        spec = s.get("model_spec")
-        st.caption(f"Model: `{spec.name if spec else '-'}`")
-        pairs = s.get("pairs")
-        st.caption(f"Data: {s.get('data_label', '-')} ({len(pairs) if pairs is not None else 0} pairs), metric `{s.get('metric', '-')}`")
-        st.caption(f"Scores: {s.get('scores_label', 'none yet')}")
+    st.markdown("**Session**")
+    spec = s.get("model_spec")
+    st.caption(f"Model: `{spec.name if spec else '-'}`")
+    pairs = s.get("pairs")
+    st.caption(f"Data: {s.get('data_label', '-')} ({len(pairs) if pairs is not None else 0} pairs), metric `{s.get('metric', '-')}`")
+    st.caption(f"Scores: {s.get('scores_label', 'none yet')}")
 
 
 def need(*keys: str) -> bool:
