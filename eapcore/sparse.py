@@ -31,7 +31,7 @@ def supports(model: Any, n_pos: int = 0) -> bool:
     sliding window no shorter than ``n_pos``) or GPT-NeoX/Pythia (partial rotary, parallel or sequential
     residual), with per-head q/k/v projections as the bridge splits them."""
     name = architecture(model)
-    if name not in ARCHITECTURES:
+    if name not in ARCHITECTURES or len({p.device for p in model.parameters()}) > 1:  # not split over devices
         return False
     attn = model.blocks[0].attn
     if not all(isinstance(getattr(getattr(attn, w, None), "original_component", None), torch.nn.Linear) for w in QKV):
