@@ -26,6 +26,7 @@ import torch
 from eapcore.data import Batch
 from eapcore.gradients import Accumulator, Delta, hooked_backward, on_grad, token_embeddings
 from eapcore.graph import QKV
+from eapcore.heads import HeadWeights, head_weights
 from eapcore.metrics import Metric
 from eapcore.sites import Destination, destinations
 
@@ -42,7 +43,7 @@ class _Attention:
     centered: bool  # LayerNorm (subtracts the mean) or RMSNorm
     eps: float
     gamma: torch.Tensor | None  # [d_model]
-    weights: dict[str, torch.Tensor]  # which -> W [head d_model d_head]
+    heads: HeadWeights  # W [head d_model d_head] per q/k/v, and W_O
     offsets: dict[str, torch.Tensor]  # which -> c [head d_head] (bias + β W)
 
 
@@ -58,25 +59,13 @@ def _norm(module: Any) -> tuple[bool, float, torch.Tensor | None, torch.Tensor |
 
 
 def _attention(model: Any, layer: int) -> _Attention | None:
-    block = model.blocks[layer]
-    norm = _norm(getattr(getattr(block, "ln1", None), "original_component", None))
-    if norm is None:
+    norm = _norm(getattr(getattr(model.blocks[layer], "ln1", None), "original_component", None))
+    heads = head_weights(model, layer)
+    if norm is None or heads is None:
         return None
     centered, eps, gamma, beta = norm
-    H, d_head = model.cfg.n_heads, model.cfg.d_head
-    weights, offsets = {}, {}
-    for which in QKV:
-        linear = getattr(getattr(block.attn, which, None), "original_component", None)
-        if not isinstance(linear, torch.nn.Linear) or linear.out_features != H * d_head:
-            return None
-        w = linear.weight.detach().view(H, d_head, -1).transpose(1, 2)  # [head d_model d_head]
-        c = torch.zeros(H, d_head, dtype=w.dtype, device=w.device)
-        if linear.bias is not None:
-            c = c + linear.bias.detach().view(H, d_head)
-        if beta is not None:
-            c = c + torch.einsum("d,hde->he", beta.detach(), w)
-        weights[which], offsets[which] = w, c
-    return _Attention(centered, eps, None if gamma is None else gamma.detach(), weights, offsets)
+    offsets = {w: heads.b[w] + (0 if beta is None else torch.einsum("d,hde->he", beta.detach(), heads.w[w])) for w in QKV}
+    return _Attention(centered, eps, None if gamma is None else gamma.detach(), heads, offsets)
 
 
 def supports(model: Any) -> bool:
@@ -133,7 +122,7 @@ class _LayerSums:
 
     def input_gradient(self, which: str) -> torch.Tensor:
         """Σ_a of the gradient at every head's ``which`` input ``[batch pos head d_model]``."""
-        W = self.attn.weights[which]
+        W = self.attn.heads.w[which]
         g = torch.einsum("bphe,hde->bphd", self.rg[which], W)
         if self.attn.gamma is not None:
             g = g * self.attn.gamma

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from eapcore.graph import QKV, Graph
+from eapcore.heads import HeadWeights, head_weights
 from eapcore.models import architecture
 from eapcore.sites import destinations
 
@@ -33,8 +34,7 @@ def supports(model: Any, n_pos: int = 0) -> bool:
     name = architecture(model)
     if name not in ARCHITECTURES or len({p.device for p in model.parameters()}) > 1:  # not split over devices
         return False
-    attn = model.blocks[0].attn
-    if not all(isinstance(getattr(getattr(attn, w, None), "original_component", None), torch.nn.Linear) for w in QKV):
+    if head_weights(model, 0) is None:
         return False
     hf = model.original_model.config
     if name == "GPT2LMHeadModel":
@@ -54,40 +54,31 @@ class _Layer:
     ln1: torch.nn.Module
     ln2: torch.nn.Module
     mlp: Callable[[torch.Tensor], torch.Tensor]
-    w: dict[str, torch.Tensor]  # q, k, v: [head d_model d_head]
-    b: dict[str, torch.Tensor]  # q, k, v: [head d_head]
-    w_o: torch.Tensor  # [head d_head d_model]
+    heads: HeadWeights
     scaling: float
     head_norms: dict[str, torch.nn.Module]  # q, k: norms over d_head before the rotation (Qwen3)
 
     def project(self, which: str, x: torch.Tensor, heads: list[int]) -> torch.Tensor:
         """Per-head inputs ``[n ... d_model]`` -> q, k or v ``[n ... d_head]`` of ``heads`` (q and k
         after any per-head norm, before any rotation)."""
-        w, b = self.w[which][heads], self.b[which][heads]
+        w, b = self.heads.w[which][heads], self.heads.b[which][heads]
         y = torch.einsum("n...d,nde->n...e", self.ln1(x), w)
         y = y + b.view(len(heads), *[1] * (y.dim() - 2), -1)
         return self.head_norms[which](y) if which in self.head_norms else y
 
     def output(self, z: torch.Tensor, heads: list[int]) -> torch.Tensor:
         """z ``[n ... d_head]`` -> each head's result ``[n ... d_model]``."""
-        return torch.einsum("n...e,ned->n...d", z, self.w_o[heads])
+        return torch.einsum("n...e,ned->n...d", z, self.heads.w_o[heads])
 
 
 def _layer(model: Any, layer: int) -> _Layer:
     block = model.blocks[layer]
-    H, dh = model.cfg.n_heads, model.cfg.d_head
-    w, b = {}, {}
-    for which in QKV:
-        linear = getattr(block.attn, which).original_component
-        w[which] = linear.weight.view(H, dh, -1).transpose(1, 2)
-        b[which] = linear.bias.view(H, dh) if linear.bias is not None else torch.zeros(H, dh).to(linear.weight)
-    o = block.attn.o.original_component  # GPT-2's Conv1D holds [in out], a Linear [out in]
-    w_o = (o.weight.T if isinstance(o, torch.nn.Linear) else o.weight).reshape(H, dh, -1)
     hf_attn = block.attn.original_component
-    scaling = float(getattr(hf_attn, "scaling", dh**-0.5))
+    scaling = float(getattr(hf_attn, "scaling", model.cfg.d_head**-0.5))
     norms = {w: getattr(hf_attn, f"{w}_norm") for w in "qk" if getattr(hf_attn, f"{w}_norm", None) is not None}
     mlp = block.mlp.original_component
-    return _Layer(block.ln1.original_component, block.ln2.original_component, _mlp(mlp), w, b, w_o, scaling, norms)
+    return _Layer(block.ln1.original_component, block.ln2.original_component, _mlp(mlp), head_weights(model, layer),
+                  scaling, norms)
 
 
 def _mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
