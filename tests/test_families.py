@@ -67,6 +67,9 @@ FAMILIES = {
 }
 
 SEEDS = {"gpt-bigcode": 1}  # where seed 0 gives a model on which the corruption hardly matters
+# The bridge's own GPT-NeoX attention differs from Hugging Face's by ~2e-7 in float64. eapcore.sparse calls
+# Hugging Face's modules (and matches its logits to ~1e-15), so it differs from hooked runs by as much.
+BRIDGE_NOISE = {"pythia": 1e-6, "neox-sequential": 1e-6}
 
 # name: (config class, model class, config kwargs, words expected in the refusal)
 REFUSED = {
@@ -344,16 +347,17 @@ def test_edge_removals_equal_hand_patching(family, data):
         keep = graph.real_edge_mask.clone()
         keep[r, c] = False
         expected = _hand_patched(model, graph, batch, keep)
-        _assert_metrics_equal(evaluator.evaluate(Circuit(graph, keep, nodes)), expected)
+        _assert_metrics_equal(evaluator.evaluate(Circuit(graph, keep, nodes)), expected, name)
         changed += int((expected - full.double()).abs().max() > 1e-3)
     assert changed >= len(edges) // 2
     keep = graph.real_edge_mask & (torch.rand(graph.real_edge_mask.shape, generator=torch.Generator().manual_seed(3)) < 0.5)
-    _assert_metrics_equal(evaluator.evaluate(Circuit(graph, keep, nodes)), _hand_patched(model, graph, batch, keep))
+    _assert_metrics_equal(evaluator.evaluate(Circuit(graph, keep, nodes)), _hand_patched(model, graph, batch, keep), name)
 
 
-def _assert_metrics_equal(ours: torch.Tensor, expected: torch.Tensor) -> None:
-    """To float64 precision, or to float32's where the evaluator rounds its per-example metrics."""
-    tol = 1e-9 if ours.dtype == torch.float64 else 1e-5
+def _assert_metrics_equal(ours: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """To float64 precision (or the bridge's own noise), or to float32's where the evaluator rounds its
+    per-example metrics."""
+    tol = max(1e-9, BRIDGE_NOISE.get(name, 0.0)) if ours.dtype == torch.float64 else 1e-5
     torch.testing.assert_close(ours.double(), expected, rtol=tol, atol=tol)
 
 
@@ -432,9 +436,7 @@ def test_sparse_evaluation_equals_the_hooked_pass(family, data, monkeypatch):
     monkeypatch.undo()
     assert fast._prepared()[0].runner is not None and hooked._prepared()[0].runner is None
     graph, gen = fast.graph, torch.Generator().manual_seed(0)
-    # the bridge's own GPT-NeoX attention differs from Hugging Face's by ~2e-7 in float64 (the sparse path
-    # calls Hugging Face's modules and agrees with its logits to ~1e-15)
-    tol = 1e-6 if name in ("pythia", "neox-sequential") else 1e-9
+    tol = max(1e-9, BRIDGE_NOISE.get(name, 0.0))
     for density in (0.0, 0.05, 0.2, 0.5, 0.9):
         for _ in range(2):
             keep = graph.real_edge_mask & (torch.rand(graph.real_edge_mask.shape, generator=gen) < density)
