@@ -174,9 +174,13 @@ def _gradient_batch(
     model: Any, graph: Graph, batch: Batch, spec: AttributionSpec, metric: Metric, intervention: Intervention,
     acc: Accumulator, tick: Callable[..., None], where: str,
 ) -> None:
-    """Per window of source rows: Δ = ablated − clean from two forward passes, then the method's
-    gradient passes (one window, all rows, unless ``spec.chunks`` > 1)."""
+    """Per window of source rows (one window, all rows, unless ``spec.chunks`` > 1): the fast path
+    (:mod:`eapcore.fastgrad`) where it applies; otherwise Δ = ablated − clean from two forward passes,
+    then the method's gradient passes."""
     for window in row_windows(graph, spec.chunks):
+        if spec.method != "EAP-IG-activations" and spec.level == "edge" and fastgrad.supports(model):
+            fastgrad.input_interpolation(model, batch, metric, intervention, window, spec.alphas(), acc, tick, where)
+            continue
         values = intervention.ablated(model, graph, batch, window)
         tick()
         with torch.no_grad():
@@ -187,8 +191,6 @@ def _gradient_batch(
         delta = Delta(window.start, values)
         if spec.method == "EAP-IG-activations":
             activation_interpolation(model, batch, metric, delta, clean_readout, spec.ig_steps, acc, tick, where)
-        elif spec.level == "edge" and fastgrad.supports(model):
-            fastgrad.input_interpolation(model, batch, metric, delta, clean_readout, spec.alphas(), acc, tick, where)
         else:
             input_interpolation(model, batch, metric, delta, clean_readout, spec.alphas(), acc, tick, where)
 

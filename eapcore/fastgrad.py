@@ -25,10 +25,11 @@ import torch
 
 from eapcore.data import Batch
 from eapcore.gradients import Accumulator, Delta, hooked_backward, on_grad, token_embeddings
-from eapcore.graph import QKV
+from eapcore.graph import QKV, Graph
 from eapcore.heads import HeadWeights, head_weights
-from eapcore.metrics import Metric
-from eapcore.sites import Destination, destinations
+from eapcore.interventions import Intervention, new_buffer
+from eapcore.metrics import Metric, readout
+from eapcore.sites import Destination, destinations, source_major, sources
 
 # verified families (docs/families.md) whose attention norm this module does not rebuild (Gemma: x̂·(1 + γ))
 SPLIT_ONLY = frozenset({"GemmaForCausalLM"})
@@ -132,17 +133,49 @@ class _LayerSums:
         return g - torch.einsum("abph,abpd->bphd", c3, xhat)
 
 
+def _recorders(model: Any, graph: Graph, values: torch.Tensor, window: slice, sign: float) -> list:
+    """Unsplit forward hooks that add ``sign`` × each non-input source's output of ``window`` into
+    ``values`` ``[rows batch pos d_model]``: heads' results from ``hook_z`` and W_O, MLPs' from ``hook_mlp_out``."""
+    def add(local: slice, out: torch.Tensor) -> None:
+        values[local].add_(out.detach().to(values.device), alpha=sign)
+
+    hooks = []
+    for s in sources(graph)[1:]:
+        if window.start <= s.rows.start < window.stop:
+            local = slice(s.rows.start - window.start, s.rows.stop - window.start)
+            if s.hook.endswith("hook_result"):
+                layer = int(s.hook.split(".")[1])
+                heads = head_weights(model, layer)
+                hooks.append((f"blocks.{layer}.attn.hook_z", lambda t, hook, local=local, heads=heads: add(local, heads.results(t))))
+            else:
+                hooks.append((s.hook, lambda t, hook, local=local: add(local, source_major(t))))
+    return hooks
+
+
 def input_interpolation(
-    model: Any, batch: Batch, metric: Metric, delta: Delta, clean_readout: torch.Tensor | None,
-    alphas: list[float], acc: Accumulator, tick: Callable[[], None], where: str,
+    model: Any, batch: Batch, metric: Metric, intervention: Intervention, window: slice, alphas: list[float],
+    acc: Accumulator, tick: Callable[[], None], where: str,
 ) -> None:
-    """Edge scores as :func:`eapcore.gradients.input_interpolation` computes them, from unsplit passes."""
-    window = slice(delta.start, delta.stop)
-    corrupted_embed = token_embeddings(model, batch.corrupted)
-    embed_diff = token_embeddings(model, batch.clean) - corrupted_embed
-    by_hook = {d.hook: d for d in destinations(acc.graph)}
-    L = acc.graph.cfg.n_layers
-    layers = {l: _LayerSums(_attention(model, l)) for l in range(L) if acc.graph.attn_prev(l) > window.start}
+    """Edge scores of the source rows in ``window``, as :func:`eapcore.gradients.input_interpolation`
+    computes them, from unsplit passes. Δ = ablated − clean is recorded in the gradient passes where
+    one is that run: the α = 1 pass is the clean run and, under patching, the α = 0 pass the corrupted
+    one; so EAP and clean-corrupted need no other forward pass and EAP-IG-inputs only the clean run."""
+    graph = acc.graph
+    corrupted_embed, clean_embed = token_embeddings(model, batch.corrupted), token_embeddings(model, batch.clean)
+    patching = intervention.kind == "patching"
+    if patching:
+        values = new_buffer(model, graph, batch, window).zero_()
+        if window.start == 0:
+            values[0] = corrupted_embed
+    else:
+        values = intervention.ablated(model, graph, batch, window)  # zero or means: no forward pass
+        tick()
+    if window.start == 0:
+        values[0] -= clean_embed
+    delta = Delta(window.start, values)
+
+    by_hook = {d.hook: d for d in destinations(graph)}
+    layers = {l: _LayerSums(_attention(model, l)) for l in range(graph.cfg.n_layers) if graph.attn_prev(l) > window.start}
     plain = [d for d in by_hook.values() if not d.hook.endswith(("q_input", "k_input", "v_input"))
              and d.prev > window.start]
     sums: dict[str, torch.Tensor] = {}
@@ -157,16 +190,36 @@ def input_interpolation(
             hooks.append((f"blocks.{l}.attn.hook_{which}", lambda t, hook, s=s, w=which: s.on_projection(w, t)))
     for d in plain:
         hooks.append((d.hook, lambda t, hook, d=d: on_grad(t, lambda g: add(d, g))))
+    endpoints = {1.0: clean_embed, 0.0: corrupted_embed}
+    clean_readout = None
     with unsplit(model):
-        for step, alpha in enumerate(alphas):
-            def interpolate(t: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
-                return (corrupted_embed + alpha * embed_diff).requires_grad_(True)
+        if 1.0 not in alphas:  # EAP-IG-inputs: the clean run on its own
+            with torch.no_grad():
+                logits = model.run_with_hooks(batch.clean, fwd_hooks=_recorders(model, graph, values, window, -1.0))
+            clean_readout = readout(logits, batch.lengths)
+            del logits
+            tick()
+        if patching and 0.0 not in alphas:  # EAP: the corrupted run on its own
+            with torch.no_grad():
+                model.run_with_hooks(batch.corrupted, fwd_hooks=_recorders(model, graph, values, window, 1.0))
+            tick()
+        for step, alpha in enumerate(sorted(alphas, key=lambda a: (a != 1.0, a != 0.0))):  # the clean run first
+            start = endpoints[alpha] if alpha in endpoints else corrupted_embed + alpha * (clean_embed - corrupted_embed)
 
-            hooked_backward(model, batch, metric, clean_readout, [("hook_embed", interpolate), *hooks],
-                            f"{where}, gradient step {step + 1} of {len(alphas)}")
+            def interpolate(t: torch.Tensor, hook: Any, start: torch.Tensor = start) -> torch.Tensor:
+                return start.clone().requires_grad_(True)
+
+            records = alpha == 1.0 or (alpha == 0.0 and patching)
+            extra = _recorders(model, graph, values, window, 1.0 if alpha == 0.0 else -1.0) if records else []
+            this = hooked_backward(model, batch, metric, clean_readout, [("hook_embed", interpolate), *hooks, *extra],
+                                   f"{where}, gradient step {step + 1} of {len(alphas)}", is_clean_run=alpha == 1.0)
+            if alpha == 1.0:
+                clean_readout = this
             for s in layers.values():
                 s.step.clear()
             tick()
+            if records:
+                tick()  # this pass was also a forward pass of its own
     weight = 1.0 / len(alphas)
     for l, s in layers.items():
         for which in QKV:

@@ -104,12 +104,15 @@ def gradient_pass(
 
 def hooked_backward(
     model: Any, batch: Batch, metric: Metric, clean_readout: torch.Tensor | None,
-    hooks: list[tuple[str, Callable]], where: str,
-) -> None:
-    """Forward the clean prompt with ``hooks``, then backpropagate the loss (refusing a non-finite one)."""
+    hooks: list[tuple[str, Callable]], where: str, is_clean_run: bool = False,
+) -> torch.Tensor:
+    """Forward the clean prompt with ``hooks``, then backpropagate the loss (refusing a non-finite one).
+    Returns the read-out ``[batch d_vocab]`` (detached); ``is_clean_run``: this pass is the clean run, so
+    its own read-out is the clean one."""
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(batch.clean)
-        loss = metric.loss(readout(logits, batch.lengths), batch, clean_readout)
+        this = readout(logits, batch.lengths)
+        loss = metric.loss(this, batch, this.detach() if is_clean_run else clean_readout)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"metric {metric.name!r} returned {loss.item()} in {where}; check the metric for divisions by "
@@ -117,6 +120,7 @@ def hooked_backward(
             )
         if loss.requires_grad:
             loss.backward()
+    return this.detach()
 
 
 def token_embeddings(model: Any, tokens: torch.Tensor) -> torch.Tensor:
