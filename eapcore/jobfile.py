@@ -58,6 +58,8 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class TaskEntry:
+    """A task of the job: its name, its CSV and the metric it is scored with."""
+
     name: str
     csv: str
     metric: str

@@ -152,6 +152,8 @@ def batch_shapes(lengths: Sequence[int] | torch.Tensor, batch_size: int) -> list
 
 @dataclass(frozen=True)
 class Part:
+    """One term of an estimate: what it counts, its size and the formula it comes from."""
+
     name: str
     bytes: int
     formula: str
