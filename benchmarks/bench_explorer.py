@@ -54,8 +54,8 @@ def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]
     raise RuntimeError(f"streamlit did not start:\n{log.read_text()[-2000:]}")
 
 
-def drive(url: str, chromium: str, moves: int) -> tuple[float, list[float]]:
-    """(seconds from Run attribution to the graph, seconds per counted slider move)."""
+def drive(url: str, chromium: str, moves: int, settle_ms: int) -> tuple[float, list[tuple[int, float]]]:
+    """(seconds from Run attribution to the graph, (circuit size, seconds) per counted slider move)."""
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=120_000)
@@ -75,7 +75,7 @@ def drive(url: str, chromium: str, moves: int) -> tuple[float, list[float]]:
         expect(page.get_by_text("CPR (area under f)").first).to_be_visible()  # the curve is computed once
         faith = page.get_by_test_id("stMetric").filter(has_text="Faithfulness").get_by_test_id("stMetricValue").first
         expect(faith).to_have_text(NUMBER)
-        slider, times = page.get_by_role("slider").first, []
+        slider, box, times = page.get_by_role("slider").first, page.get_by_role("spinbutton", name="Exact count"), []
         for _ in range(moves):
             before = faith.inner_text().strip()
             slider.focus()
@@ -83,10 +83,10 @@ def drive(url: str, chromium: str, moves: int) -> tuple[float, list[float]]:
             page.keyboard.press("ArrowRight")
             try:
                 expect(faith).not_to_have_text(before, timeout=5_000)
-                times.append(time.perf_counter() - start)
+                times.append((int(box.input_value()), time.perf_counter() - start))
             except AssertionError:
                 pass  # the same circuit after pruning: nothing to update
-            page.wait_for_timeout(1000)  # let the rest of the page (graph, curve marker) settle
+            page.wait_for_timeout(settle_ms)  # let the rest of the page (graph, curve marker) settle
         browser.close()
     return to_graph, times
 
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo", help="what the app loads: 'demo', a hub name or a local folder")
     p.add_argument("--pairs", type=int, default=128, help="the first PAIRS pairs of the IOI task")
     p.add_argument("--moves", type=int, default=10, help="slider moves (arrow key presses) to time")
+    p.add_argument("--settle-ms", type=int, default=1000, help="pause after each move before the next key press")
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     return p
 
@@ -112,15 +113,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "EAPCORE_APP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
         proc, url = start_server(env, Path(tmp) / "streamlit.log")
         try:
-            to_graph, moves = drive(url, args.chromium, args.moves)
+            to_graph, moves = drive(url, args.chromium, args.moves, args.settle_ms)
         finally:
             proc.terminate()
             proc.wait(timeout=15)
+    seconds = [t for _, t in moves]
     record = {
         "model": args.model, "pairs": args.pairs, "machine": common.machine("cpu"),
         "run_to_graph_s": round(to_graph, 2), "moves_counted": len(moves),
-        "move_median_s": round(statistics.median(moves), 3) if moves else None,
-        "move_max_s": round(max(moves), 3) if moves else None, "moves_s": [round(t, 3) for t in moves],
+        "move_median_s": round(statistics.median(seconds), 3) if moves else None,
+        "move_max_s": round(max(seconds), 3) if moves else None, "moves": [[n, round(t, 3)] for n, t in moves],
     }
     print(f"Run attribution -> graph: {to_graph:.2f} s; slider move -> faithfulness: median "
           f"{record['move_median_s']} s, max {record['move_max_s']} s over {len(moves)} moves")
