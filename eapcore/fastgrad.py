@@ -11,8 +11,10 @@ through the norm's backward, x̂ = (x − μ)·r (no μ for RMSNorm), q = (γ �
 
 Both terms are linear in G, so over the interpolation steps a it is enough to keep Σ_a r_a G_a (head
 space), the per-step x̂_a ``[batch pos d_model]`` and c3_a ``[batch pos head]``, and to contract with Δ
-once per destination at the end. Same scores as :func:`eapcore.gradients.input_interpolation` at edge
-level; used where :func:`supports` recognises the attention's input norm and projections.
+once per destination at the end. Δ (ablated − clean outputs) is recorded by the same passes where
+one of them is that run (per-head results from ``hook_z`` and W_O). Same scores as
+:func:`eapcore.gradients.input_interpolation` at edge level; used where :func:`supports` recognises the
+attention's input norm and projections.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def _recorders(model: Any, graph: Graph, values: torch.Tensor, window: slice, si
             if s.hook.endswith("hook_result"):
                 layer = int(s.hook.split(".")[1])
                 heads = head_weights(model, layer)
-                hooks.append((f"blocks.{layer}.attn.hook_z", lambda t, hook, local=local, heads=heads: add(local, heads.results(t))))
+                hooks.append((f"blocks.{layer}.attn.hook_z",
+                              lambda t, hook, local=local, heads=heads: add(local, heads.results(t))))
             else:
                 hooks.append((s.hook, lambda t, hook, local=local: add(local, source_major(t))))
     return hooks
