@@ -21,6 +21,7 @@ from eapcore.graph import Graph
 from eapcore.interventions import (
     INTERVENTIONS, Intervention, make_intervention, recorders, row_windows, source_outputs,
 )
+from eapcore.memory import out_of_memory
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_dtype, model_graph, model_lock
 from eapcore.sites import destinations, per_column
@@ -109,7 +110,9 @@ def attribute(
                 result = _exact(model, graph, data, spec, metric, progress, reference)
             else:
                 result = _by_batches(model, graph, data, spec, metric, progress, reference)
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise MemoryError(

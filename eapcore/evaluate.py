@@ -7,14 +7,16 @@ parents' actual outputs and its out-of-circuit parents' corrupted ones (design Â
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import Batch, TokenizedPairs
 from eapcore import sparse
+from eapcore.memory import out_of_memory
 from eapcore.interventions import make_intervention, new_buffer, recorders, source_outputs
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_graph, model_lock
@@ -61,7 +63,7 @@ class CircuitEvaluator:
     # ----- cached runs -----
     def _prepared(self) -> list[_Prepared]:
         if self._prepared_batches is None:
-            with model_lock(self.model), torch.inference_mode():
+            with self._memory_advice(), model_lock(self.model), torch.inference_mode():
                 intervention = make_intervention(
                     self.intervention_kind, self.model, self.graph, self.reference or self.data, self.batch_size
                 )
@@ -69,6 +71,20 @@ class CircuitEvaluator:
                     self._prepare(b, intervention) for b in self.data.batches(self.batch_size, model_device(self.model))
                 ]
         return self._prepared_batches
+
+    @contextmanager
+    def _memory_advice(self) -> Iterator[None]:
+        """A failed allocation becomes a MemoryError that says what to change."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            raise MemoryError(
+                f"out of memory on {model_device(self.model)} while evaluating {len(self.data)} prompts in batches of "
+                f"{self.batch_size} (every source's ablated output is cached); use fewer prompts, a smaller batch or "
+                "half precision (--dtype bfloat16); --dry-run estimates the memory"
+            ) from e
 
     def _prepare(self, batch: Batch, intervention: Any) -> _Prepared:
         corrupted, corrupted_logits = source_outputs(self.model, self.graph, batch, batch.corrupted)
@@ -109,7 +125,7 @@ class CircuitEvaluator:
         if partial is None and not bool(patch_mask.any()):  # the full graph: the clean run, cached
             return torch.cat([self._metric(p.clean_readout, p) for p in prepared])
         values = []
-        with model_lock(self.model), torch.inference_mode():
+        with self._memory_advice(), model_lock(self.model), torch.inference_mode():
             for p in prepared:
                 if p.runner is not None and partial is None:
                     values.append(self._metric(p.runner.readout(real & circuit.edges.cpu()), p))

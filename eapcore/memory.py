@@ -346,6 +346,11 @@ def evaluation_estimate(
     return Estimate(tuple(_with_slack(parts, device, allocator_slack, churned)), device, tuple(notes))
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: CUDA's ``OutOfMemoryError``, or the CPU allocator's plain ``RuntimeError``."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
 # ----- measuring -----
 
 

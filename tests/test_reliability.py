@@ -61,6 +61,23 @@ def test_out_of_memory_is_reported_with_the_batch_size(tiny32, pairs):
     assert attached_hooks(tiny32) == 0
 
 
+def test_a_real_cpu_allocation_failure_is_reported_with_the_batch_size(tiny32, pairs):
+    """The CPU allocator fails with a plain RuntimeError (not torch.OutOfMemoryError); a metric that asks
+    for 40 TB makes a real one."""
+    greedy = Metric("greedy", lambda logits, batch, clean=None: logits[:, 0] + torch.empty(10**13).sum())
+    with pytest.raises(MemoryError, match=r"out of memory on cpu .* batch size 4.*--batch-size 2"):
+        attribute(tiny32, tokenize(pairs, tiny32.tokenizer), AttributionSpec(batch_size=4), metric=greedy)
+    assert attached_hooks(tiny32) == 0 and tiny32.cfg.use_split_qkv_input
+
+
+def test_an_allocation_failure_while_evaluating_says_what_to_change(tiny32, pairs):
+    greedy = Metric("greedy", lambda logits, batch, clean=None: logits[:, 0] + torch.empty(10**13).sum())
+    evaluator = CircuitEvaluator(tiny32, tokenize(pairs, tiny32.tokenizer), greedy, batch_size=4)
+    with pytest.raises(MemoryError, match=r"out of memory on cpu while evaluating 8 prompts in batches of 4 .*fewer prompts"):
+        evaluator.evaluate(Circuit.empty(evaluator.graph))
+    assert attached_hooks(tiny32) == 0
+
+
 def test_attribution_can_be_cancelled_from_the_progress_callback(tiny32, pairs):
     def progress(done, total):
         if done == 3:
