@@ -59,6 +59,8 @@ OTHER_BYTES = 4 * MiB  # small tensors, autograd bookkeeping
 # run's resident memory is about this many times its live tensors (measured 1.6-2.4x; docs/scaling.md).
 # MALLOC_MMAP_THRESHOLD_=131072 in the environment makes it 1x, at ~2.4x the CPU time.
 CPU_ALLOCATOR_FACTOR = 2.0
+# Unsplit gradient passes reallocate fewer, larger blocks: measured 1.45x (GPT-2-small shape, CLI, docs/scaling.md).
+CPU_ALLOCATOR_FACTOR_UNSPLIT = 1.5
 
 
 @dataclass(frozen=True)
@@ -217,16 +219,16 @@ def _common(shape: ModelShape, dtype: str, device: str, n_devices: int) -> tuple
     return parts, notes
 
 
-def _with_slack(parts: list[Part], device: str, allocator_slack: bool | None, churned: Sequence[str]) -> list[Part]:
+def _with_slack(parts: list[Part], device: str, allocator_slack: bool | None, churned: Sequence[str],
+                factor: float = CPU_ALLOCATOR_FACTOR) -> list[Part]:
     """Add the memory glibc keeps after frees, on CPU, for the ``churned`` parts (allocated and freed per batch or
-    per pass). ``allocator_slack=None``: on CPU unless ``MALLOC_MMAP_THRESHOLD_`` is set."""
+    per pass): ``factor`` − 1 times them. ``allocator_slack=None``: on CPU unless ``MALLOC_MMAP_THRESHOLD_`` is set."""
     if allocator_slack is None:
         allocator_slack = _is_cpu(device) and "MALLOC_MMAP_THRESHOLD_" not in os.environ
     if not allocator_slack:
         return parts
-    extra = int((CPU_ALLOCATOR_FACTOR - 1) * sum(p.bytes for p in parts if p.name in churned))
-    return parts + [Part("allocator slack (CPU)", extra, f"{CPU_ALLOCATOR_FACTOR - 1:g} × what is freed and reallocated: "
-                                                         "blocks glibc keeps")]
+    extra = int((factor - 1) * sum(p.bytes for p in parts if p.name in churned))
+    return parts + [Part("allocator slack (CPU)", extra, f"{factor - 1:g} × what is freed and reallocated: blocks glibc keeps")]
 
 
 def _window_rows(shape: ModelShape, chunks: int) -> int:
@@ -287,7 +289,7 @@ def attribution_estimate(
             kept = B * P * (L * (per_layer * d + KEPT_PER_MLP * shape.d_mlp) + 2 * d) + B * L * H * P * P
             parts += [
                 Part("activations kept for backward (unsplit)", kept * b,
-                     f"B·P·[L·({KEPT_PER_LAYER_UNSPLIT} + {KEPT_PER_LAYER_STEP}·(steps − 1))·d_model + "
+                     f"B·P·[L·(({KEPT_PER_LAYER_UNSPLIT} + {KEPT_PER_LAYER_STEP}·(steps − 1))·d_model + "
                      f"{KEPT_PER_MLP}d_mlp) + 2d_model] + B·L·H·P², {steps} steps"),
                 Part("logits gradient or backward working set", B * P * max(2 * V, 2 * H * d) * b,
                      "B·P·max(2·d_vocab, 2H·d_model): the logits' gradient or the final contraction"),
@@ -306,7 +308,9 @@ def attribution_estimate(
     parts.append(Part("score accumulators", scores, "n_forward·n_backward (+ n_forward·d_model) in float32"))
     notes.append(f"largest batch: {B} prompts × {P} positions; {len(batches)} batch(es)")
     churned = [p.name for p in parts if p.name not in ("Python, torch, transformers", "weights", "score accumulators")]
-    return Estimate(tuple(_with_slack(parts, device, allocator_slack, churned)), device, tuple(notes))
+    unsplit = any(p.name.endswith("(unsplit)") for p in parts)
+    factor = CPU_ALLOCATOR_FACTOR_UNSPLIT if unsplit else CPU_ALLOCATOR_FACTOR
+    return Estimate(tuple(_with_slack(parts, device, allocator_slack, churned, factor)), device, tuple(notes))
 
 
 def evaluation_estimate(
