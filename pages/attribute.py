@@ -7,8 +7,7 @@ import time
 import streamlit as st
 
 from eapcore import render
-from eapcore import attribute as engine
-from eapcore.attribute import INTERVENTIONS, METHODS, AttributionSpec
+from eapcore.attribute import INTERVENTIONS, LEVELS, METHODS, AttributionSpec
 from eapcore.metrics import METRICS
 from eapcore.models import model_graph
 from ui import cache, state, widgets
@@ -24,11 +23,10 @@ st.caption(
 if not widgets.need("pairs"):
     st.stop()
 
-LEVELS = getattr(engine, "LEVELS", ("edge",))
 spec0: AttributionSpec = s.attr_spec
 for key, value in (("w_method", spec0.method), ("w_steps", spec0.ig_steps), ("w_batch", spec0.batch_size),
                    ("w_intervention", spec0.intervention), ("w_attr_metric", s.metric),
-                   ("w_level", getattr(spec0, "level", "edge"))):
+                   ("w_level", spec0.level)):
     s.setdefault(key, value)
 c1, c2, c3, c4, c5, c6 = st.columns([2, 0.9, 1.2, 0.9, 1.3, 0.9])
 method = c1.selectbox("Method", METHODS, key="w_method")
@@ -43,8 +41,7 @@ s.metric = metric
 
 spec = None
 with state.guard("Invalid settings"):
-    extra = {"level": level} if "level" in AttributionSpec.__dataclass_fields__ else {}
-    spec = AttributionSpec(method, int(steps), metric, intervention, int(batch), **extra)
+    spec = AttributionSpec(method, int(steps), metric, intervention, int(batch), level)
     s.attr_spec = spec
 
 if spec is not None:
@@ -52,8 +49,7 @@ if spec is not None:
         cached = cache.cached_attribution(s.model_spec, s.pairs, spec) is not None
         n_pairs = len(s.pairs)
         graph = model_graph(cache.get_model(s.model_spec))
-        per_batch = spec.passes_per_batch(graph) if hasattr(spec, "passes_per_batch") else 2 + len(spec.alphas())
-        passes = -(-n_pairs // spec.batch_size) * per_batch
+        passes = -(-n_pairs // spec.batch_size) * spec.passes_per_batch(graph)
         st.caption(f"{n_pairs} pairs ({s.data_label}) · {passes} passes over batches of {spec.batch_size}"
                    + (" · **cached: this run is instant**" if cached else ""))
         b1, b2, b3 = st.columns([1.1, 0.8, 3])
