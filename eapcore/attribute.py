@@ -157,13 +157,14 @@ def _by_batches(
     intervention = make_intervention(spec.intervention, model, graph, reference or data, spec.batch_size)
     batches = list(data.batches(spec.batch_size, device))
     tick = _counter(len(batches) * spec.passes_per_batch(graph), progress)
+    fast = spec.method != "EAP-IG-activations" and spec.level == "edge" and fastgrad.supports(model)
     for index, batch in enumerate(batches):
         where = f"batch {index + 1} of {len(batches)}"
         if spec.method == "information-flow-routes":
             _information_flow(model, graph, batch, acc)
             tick()
         else:
-            _gradient_batch(model, graph, batch, spec, metric, intervention, acc, tick, where)
+            _gradient_batch(model, graph, batch, spec, metric, intervention, acc, tick, where, fast)
     n = len(data)
     if spec.level == "edge":
         edges = torch.where(graph.real_edge_mask.to(device), acc.edges / n, torch.zeros((), dtype=acc_dtype, device=device))
@@ -175,13 +176,13 @@ def _by_batches(
 
 def _gradient_batch(
     model: Any, graph: Graph, batch: Batch, spec: AttributionSpec, metric: Metric, intervention: Intervention,
-    acc: Accumulator, tick: Callable[..., None], where: str,
+    acc: Accumulator, tick: Callable[..., None], where: str, fast: bool,
 ) -> None:
     """Per window of source rows (one window, all rows, unless ``spec.chunks`` > 1): the fast path
-    (:mod:`eapcore.fastgrad`) where it applies; otherwise Δ = ablated − clean from two forward passes,
-    then the method's gradient passes."""
+    (:mod:`eapcore.fastgrad`) if ``fast``; otherwise Δ = ablated − clean from two forward passes, then
+    the method's gradient passes."""
     for window in row_windows(graph, spec.chunks):
-        if spec.method != "EAP-IG-activations" and spec.level == "edge" and fastgrad.supports(model):
+        if fast:
             fastgrad.input_interpolation(model, batch, metric, intervention, window, spec.alphas(), acc, tick, where)
             continue
         values = intervention.ablated(model, graph, batch, window)

@@ -61,12 +61,13 @@ def _norm(module: Any) -> tuple[bool, float, torch.Tensor | None, torch.Tensor |
     return None
 
 
-def _attention(model: Any, layer: int) -> _Attention | None:
-    norm = _norm(getattr(getattr(model.blocks[layer], "ln1", None), "original_component", None))
-    heads = head_weights(model, layer)
-    if norm is None or heads is None:
-        return None
-    centered, eps, gamma, beta = norm
+def _ln1(model: Any, layer: int) -> Any:
+    return getattr(getattr(model.blocks[layer], "ln1", None), "original_component", None)
+
+
+def _attention(model: Any, layer: int, heads: HeadWeights) -> _Attention:
+    """The layer's norm and projections, for a model that :func:`supports` accepts."""
+    centered, eps, gamma, beta = _norm(_ln1(model, layer))
     offsets = {w: heads.b[w] + (0 if beta is None else torch.einsum("d,hde->he", beta.detach(), heads.w[w])) for w in QKV}
     return _Attention(centered, eps, None if gamma is None else gamma.detach(), heads, offsets)
 
@@ -76,7 +77,8 @@ def supports(model: Any) -> bool:
     names = ("blocks.0.ln1.hook_in", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v")
     if not all(n in model.hook_dict for n in names):
         return False
-    return all(_attention(model, layer) is not None for layer in range(model.cfg.n_layers))
+    return all(_norm(_ln1(model, layer)) is not None and head_weights(model, layer) is not None
+               for layer in range(model.cfg.n_layers))
 
 
 @contextmanager
@@ -135,9 +137,10 @@ class _LayerSums:
         return g - torch.einsum("abph,abpd->bphd", c3, xhat)
 
 
-def _recorders(model: Any, graph: Graph, values: torch.Tensor, window: slice, sign: float) -> list:
+def _recorders(heads: list[HeadWeights], graph: Graph, values: torch.Tensor, window: slice, sign: float) -> list:
     """Unsplit forward hooks that add ``sign`` × each non-input source's output of ``window`` into
-    ``values`` ``[rows batch pos d_model]``: heads' results from ``hook_z`` and W_O, MLPs' from ``hook_mlp_out``."""
+    ``values`` ``[rows batch pos d_model]``: heads' results from ``hook_z`` and each layer's ``heads``
+    W_O, MLPs' from ``hook_mlp_out``."""
     def add(local: slice, out: torch.Tensor) -> None:
         values[local].add_(out.detach().to(values.device), alpha=sign)
 
@@ -147,9 +150,8 @@ def _recorders(model: Any, graph: Graph, values: torch.Tensor, window: slice, si
             local = slice(s.rows.start - window.start, s.rows.stop - window.start)
             if s.hook.endswith("hook_result"):
                 layer = int(s.hook.split(".")[1])
-                heads = head_weights(model, layer)
                 hooks.append((f"blocks.{layer}.attn.hook_z",
-                              lambda t, hook, local=local, heads=heads: add(local, heads.results(t))))
+                              lambda t, hook, local=local, w=heads[layer]: add(local, w.results(t))))
             else:
                 hooks.append((s.hook, lambda t, hook, local=local: add(local, source_major(t))))
     return hooks
@@ -178,7 +180,9 @@ def input_interpolation(
     delta = Delta(window.start, values)
 
     by_hook = {d.hook: d for d in destinations(graph)}
-    layers = {l: _LayerSums(_attention(model, l)) for l in range(graph.cfg.n_layers) if graph.attn_prev(l) > window.start}
+    heads = [head_weights(model, l) for l in range(graph.cfg.n_layers)]
+    layers = {l: _LayerSums(_attention(model, l, heads[l])) for l in range(graph.cfg.n_layers)
+              if graph.attn_prev(l) > window.start}
     plain = [d for d in by_hook.values() if not d.hook.endswith(("q_input", "k_input", "v_input"))
              and d.prev > window.start]
     sums: dict[str, torch.Tensor] = {}
@@ -198,13 +202,13 @@ def input_interpolation(
     with unsplit(model):
         if 1.0 not in alphas:  # EAP-IG-inputs: the clean run on its own
             with torch.no_grad():
-                logits = model.run_with_hooks(batch.clean, fwd_hooks=_recorders(model, graph, values, window, -1.0))
+                logits = model.run_with_hooks(batch.clean, fwd_hooks=_recorders(heads, graph, values, window, -1.0))
             clean_readout = readout(logits, batch.lengths)
             del logits
             tick()
         if patching and 0.0 not in alphas:  # EAP: the corrupted run on its own
             with torch.no_grad():
-                model.run_with_hooks(batch.corrupted, fwd_hooks=_recorders(model, graph, values, window, 1.0))
+                model.run_with_hooks(batch.corrupted, fwd_hooks=_recorders(heads, graph, values, window, 1.0))
             tick()
         for step, alpha in enumerate(sorted(alphas, key=lambda a: (a != 1.0, a != 0.0))):  # the clean run first
             start = endpoints[alpha] if alpha in endpoints else corrupted_embed + alpha * (clean_embed - corrupted_embed)
@@ -213,7 +217,7 @@ def input_interpolation(
                 return start.clone().requires_grad_(True)
 
             records = alpha == 1.0 or (alpha == 0.0 and patching)
-            extra = _recorders(model, graph, values, window, 1.0 if alpha == 0.0 else -1.0) if records else []
+            extra = _recorders(heads, graph, values, window, 1.0 if alpha == 0.0 else -1.0) if records else []
             this = hooked_backward(model, batch, metric, clean_readout, [("hook_embed", interpolate), *hooks, *extra],
                                    f"{where}, gradient step {step + 1} of {len(alphas)}", is_clean_run=alpha == 1.0)
             if alpha == 1.0:

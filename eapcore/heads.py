@@ -41,5 +41,5 @@ def head_weights(model: Any, layer: int) -> HeadWeights | None:
         return None
     # GPT-2's Conv1D holds [in out], a Linear [out in]; Granite's bridge scales results by its residual multiplier
     scale = float(getattr(model.original_model.config, "residual_multiplier", 1.0) or 1.0)
-    w_o = (o.weight.detach().T if isinstance(o, torch.nn.Linear) else o.weight.detach()).reshape(H, dh, -1) * scale
-    return HeadWeights(w, b, w_o)
+    w_o = (o.weight.detach().T if isinstance(o, torch.nn.Linear) else o.weight.detach()).reshape(H, dh, -1)
+    return HeadWeights(w, b, w_o * scale if scale != 1.0 else w_o)
