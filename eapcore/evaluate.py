@@ -118,17 +118,18 @@ class CircuitEvaluator:
         prepared = self._prepared()
         like = prepared[0].ablated
         real = self.graph.real_edge_mask
-        patch_mask = (real & ~circuit.edges.cpu()).to(device=like.device, dtype=like.dtype)
+        kept = real & circuit.edges.cpu()  # the circuit's real edges
+        patch_mask = (real & ~kept).to(device=like.device, dtype=like.dtype)
         partial = None
         if circuit.neurons is not None:  # in-circuit edges still ablate their parent's excluded dimensions
-            partial = ((real & circuit.edges.cpu()).to(like), (~circuit.neurons.cpu()).to(like))
+            partial = (kept.to(like), (~circuit.neurons.cpu()).to(like))
         if partial is None and not bool(patch_mask.any()):  # the full graph: the clean run, cached
             return torch.cat([self._metric(p.clean_readout, p) for p in prepared])
         values = []
         with self._memory_advice(), model_lock(self.model), torch.inference_mode():
             for p in prepared:
                 if p.runner is not None and partial is None:
-                    values.append(self._metric(p.runner.readout(real & circuit.edges.cpu()), p))
+                    values.append(self._metric(p.runner.readout(kept), p))
                     continue
                 logits = self.model.run_with_hooks(p.batch.clean, fwd_hooks=self._hooks(p.ablated, patch_mask, partial))
                 values.append(self._metric(readout(logits, p.batch.lengths), p))

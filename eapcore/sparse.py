@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from eapcore.graph import QKV, Graph
 from eapcore.heads import HeadWeights, head_weights
 from eapcore.models import architecture
-from eapcore.sites import destinations
+from eapcore.sites import Destination, destinations
 
 
 _ROTARY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -122,7 +122,7 @@ class SparseCircuitRunner:
         self.input_delta = clean[0] - ablated[0]  # the input node's actual output is its clean one
         # X_v = c_v + Σ_{u < prev} ā_u, with c_v = clean input − Σ_{u < prev} clean_u (a running sum: no
         # temporary the size of the cache)
-        prevs = [d.prev for d in destinations(graph) if d.hook.endswith(("q_input", "mlp_in", "resid_post"))]
+        prevs = [d.prev for d in _input_groups(graph)]
         shift, done, self.all_ablated = torch.zeros_like(clean[0]), 0, []
         for x, prev in zip(clean_inputs, prevs):
             shift += (ablated[done:prev] - clean[done:prev]).sum(0)
@@ -238,10 +238,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tenso
     return pattern @ v if last is None else (pattern[..., None, :] @ v)[..., 0, :]
 
 
+def _input_groups(graph: Graph) -> list[Destination]:
+    """One destination per group that shares an input: each layer's attention (its q hook stands for
+    q, k and v), each layer's MLP, the logits; in forward order."""
+    return [d for d in destinations(graph) if d.hook.endswith(("q_input", "mlp_in", "resid_post"))]
+
+
 def input_recorders(graph: Graph, store: list[torch.Tensor | None]) -> list:
     """Forward hooks that write the input of every destination group (attention and MLP of each layer,
     logits) into ``store``, in that order, as ``[batch pos d_model]``."""
-    wanted = [d.hook for d in destinations(graph) if d.hook.endswith(("q_input", "mlp_in", "resid_post"))]
+    wanted = [d.hook for d in _input_groups(graph)]
     store[:] = [None] * len(wanted)
 
     def make(slot: int) -> Any:
