@@ -215,8 +215,13 @@ def _area(percents: Sequence[float], values: Sequence[float]) -> float:
     return float(torch.trapezoid(torch.tensor(values, dtype=torch.float64), x))
 
 
+def size_for_percent(total: int, percent: float) -> int:
+    """How many of ``total`` edges (or nodes) MIB counts as ``percent``%: at least one unless 0%."""
+    return max(1, round(total * percent / 100)) if percent > 0 else 0
+
+
 def edges_for_percent(graph: Any, percent: float) -> int:
-    return max(1, round(graph.n_edges * percent / 100)) if percent > 0 else 0
+    return size_for_percent(graph.n_edges, percent)
 
 
 def faithfulness_curve(

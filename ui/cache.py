@@ -20,7 +20,7 @@ import streamlit as st
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import PromptPairs, TokenizedPairs, tokenize
-from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, Curve, edges_for_percent, normalized
+from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, Curve, normalized, size_for_percent
 from eapcore.models import ModelSpec, load_model, model_graph
 from eapcore.render import fine_percents
 
@@ -210,10 +210,7 @@ def evaluate_circuit(evaluator: CircuitEvaluator, circuit: Circuit, requested: i
 
 def curve_sizes(scores: Scores, percents: tuple[float, ...]) -> list[int]:
     """Circuit sizes (edges, or nodes for node-level scores) for percentages of the graph, as MIB counts them."""
-    if unit_of(scores) == "edges":
-        return [edges_for_percent(scores.graph, p) for p in percents]
-    total = unit_count(scores)
-    return [max(1, round(total * p / 100)) if p > 0 else 0 for p in percents]
+    return [size_for_percent(unit_count(scores), p) for p in percents]
 
 
 def get_curves(
