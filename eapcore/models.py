@@ -59,7 +59,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def _resolve_source(name: str) -> str:
+def resolve_source(name: str) -> str:
     """Map ``demo`` and local folders to paths; check that a hub name can be fetched at all."""
     if name == "demo":
         if not (DEMO_MODEL_DIR / "config.json").exists():
@@ -87,7 +87,7 @@ def load_model(spec: ModelSpec | str = "demo", device: str | None = None, dtype:
     """Load ``spec`` (a :class:`ModelSpec` or a name) as a frozen, EAP-ready ``TransformerBridge``."""
     if isinstance(spec, str):
         spec = ModelSpec(spec, device, dtype or "float32")
-    source = _resolve_source(spec.name)
+    source = resolve_source(spec.name)
     torch_dtype = _resolve_dtype(spec.dtype)
     from transformer_lens.model_bridge import TransformerBridge
 
