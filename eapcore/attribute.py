@@ -22,15 +22,12 @@ from eapcore.interventions import (
     INTERVENTIONS, Intervention, make_intervention, recorders, row_windows, source_outputs,
 )
 from eapcore.memory import out_of_memory
+from eapcore.methods import LEVELS, METHODS, get_method
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_dtype, model_graph, model_lock
 from eapcore.sites import destinations, per_column
 
 Progress = Callable[[int, int], None]
-METHODS = ("EAP", "EAP-IG-inputs", "clean-corrupted", "EAP-IG-activations", "information-flow-routes", "exact")
-LEVELS = ("edge", "node", "neuron")
-_PATCHING_ONLY = ("EAP-IG-inputs", "clean-corrupted")
-_EDGE_ONLY = ("information-flow-routes",)
 
 
 class Cancelled(Exception):
@@ -50,21 +47,20 @@ class AttributionSpec:
     chunks: int = 1  # split the Δ buffer into this many windows of source rows (same scores, less memory)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        method = get_method(self.method)
         if self.intervention not in INTERVENTIONS:
             raise ValueError(f"unknown intervention {self.intervention!r}; choose one of {', '.join(INTERVENTIONS)}")
-        if self.method in _PATCHING_ONLY and self.intervention != "patching":
+        if self.intervention not in method.interventions:
+            others = [m.name for m in METHODS.values() if self.intervention in m.interventions and m.uses_intervention]
             raise ValueError(
                 f"{self.method} interpolates between the clean and the corrupted prompt, so it needs the 'patching' "
-                f"intervention, not {self.intervention!r}; use EAP, EAP-IG-activations or exact for {self.intervention}"
+                f"intervention, not {self.intervention!r}; use {', '.join(others[:-1])} or {others[-1]} for {self.intervention}"
             )
         if self.level not in LEVELS:
             raise ValueError(f"unknown level {self.level!r}; choose one of {', '.join(LEVELS)}")
-        if self.level != "edge" and self.method in _EDGE_ONLY:
-            raise ValueError(f"{self.method} scores edges only; use level='edge'")
-        if self.level == "neuron" and self.method == "exact":
-            raise ValueError("exact scoring works at edge or node level; use level='edge' or 'node'")
+        if self.level not in method.levels:
+            raise ValueError(f"{self.method} scores {' and '.join(l + 's' for l in method.levels)} only, not "
+                             f"{self.level}s; use level={' or '.join(map(repr, method.levels))}")
         if isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, int) or self.ig_steps < 1:
             raise ValueError(f"ig_steps (--ig-steps) must be a positive integer, got {self.ig_steps!r}; 5 is the usual choice")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -74,11 +70,7 @@ class AttributionSpec:
 
     def alphas(self) -> list[float]:
         """Where input-interpolation methods take gradients, as the weight of the clean embeddings."""
-        if self.method == "EAP":
-            return [1.0]
-        if self.method == "clean-corrupted":
-            return [1.0, 0.0]
-        return [k / self.ig_steps for k in range(self.ig_steps)]
+        return get_method(self.method).alphas(self.ig_steps)
 
     def passes_per_batch(self, graph: Graph) -> int:
         """Forward (or forward/backward) passes per batch, for progress and time estimates."""

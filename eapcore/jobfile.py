@@ -34,11 +34,10 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eapcore.attribute import LEVELS, METHODS, AttributionSpec
+from eapcore.attribute import AttributionSpec
 from eapcore.interventions import INTERVENTIONS
+from eapcore.methods import LEVELS, METHODS, get_method
 from eapcore.metrics import METRICS
-
-STEPLESS = ("EAP", "clean-corrupted", "information-flow-routes", "exact")
 FORMATS = ("pt", "json")
 _KEYS = {
     "models", "tasks", "methods", "ig_steps", "interventions", "levels", "metric", "batch_size", "device", "dtype",
@@ -191,7 +190,7 @@ def _str(raw: dict, key: str, default: str | None) -> str | None:
 
 
 def file_name(model: ModelEntry, task: TaskEntry, spec: Settings, fmt: str) -> str:
-    method = spec.method if spec.method in STEPLESS else f"{spec.method}-{spec.ig_steps}"
+    method = f"{spec.method}-{spec.ig_steps}" if get_method(spec.method).steps else spec.method
     parts = [model.name, task.name, method, spec.intervention, spec.level]
     if spec.metric != task.metric:
         parts.append(spec.metric)
@@ -230,7 +229,7 @@ def load_job(path: str | os.PathLike) -> Job:
         raise JobError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     runs: list[Run] = []
     for model, task, method, intervention, level in itertools.product(models, tasks, methods, interventions, levels):
-        for n_steps in (steps[:1] if method in STEPLESS else steps):
+        for n_steps in (steps if get_method(method).steps else steps[:1]):
             settings = Settings(method, n_steps, metric or task.metric, intervention, batch_size, level, chunks)
             try:
                 AttributionSpec(**asdict(settings))

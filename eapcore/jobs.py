@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from eapcore.jobfile import STEPLESS, Job, Run
+from eapcore.jobfile import Job, Run
+from eapcore.methods import get_method
 
 def _data_fingerprint(csv: str) -> str:
     from eapcore.data import PromptPairs
@@ -41,7 +42,7 @@ def existing_matches(path: Path, run: Run, fingerprint: str) -> bool:
         p.get("model") == run.model.source and p.get("data") == fingerprint and p.get("method") == spec.method
         and p.get("intervention") == spec.intervention and p.get("level") == spec.level and p.get("metric") == spec.metric
     )
-    return same and (spec.method in STEPLESS or p.get("ig_steps") == spec.ig_steps)
+    return same and (not get_method(spec.method).steps or p.get("ig_steps") == spec.ig_steps)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Record:
     @classmethod
     def of(cls, run: Run, status: str, message: str | None = None) -> "Record":
         s = run.settings
-        return cls(run.file, run.model.source, run.task.name, s.method, None if s.method in STEPLESS else s.ig_steps,
+        return cls(run.file, run.model.source, run.task.name, s.method, s.ig_steps if get_method(s.method).steps else None,
                    s.intervention, s.level, s.metric, s.batch_size, status, message=message)
 
 

@@ -7,7 +7,9 @@ import time
 import streamlit as st
 
 from eapcore import render
-from eapcore.attribute import INTERVENTIONS, LEVELS, METHODS, AttributionSpec
+from eapcore.attribute import AttributionSpec
+from eapcore.interventions import INTERVENTIONS
+from eapcore.methods import LEVELS, METHODS, get_method
 from eapcore.metrics import METRICS
 from eapcore.models import model_graph
 from ui import cache, state, widgets
@@ -30,7 +32,7 @@ for key, value in (("w_method", spec0.method), ("w_steps", spec0.ig_steps), ("w_
     s.setdefault(key, value)
 c1, c2, c3, c4, c5, c6 = st.columns([2, 0.9, 1.2, 0.9, 1.3, 0.9])
 method = c1.selectbox("Method", METHODS, key="w_method")
-steps = c2.number_input("IG steps", 1, 200, key="w_steps", disabled="IG" not in method,
+steps = c2.number_input("IG steps", 1, 200, key="w_steps", disabled=not get_method(method).steps,
                         help="Interpolation steps between the corrupted and the clean run (EAP-IG methods)")
 metric = c3.selectbox("Metric", list(METRICS), key="w_attr_metric")
 batch = c4.number_input("Batch size", 1, 4096, key="w_batch")
@@ -74,7 +76,7 @@ if spec is not None:
                 with state.interruptible("Attribution", cancel_slot):
                     scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress)
                 bar.progress(1.0, text="cached result" if timing.cached else f"done in {timing.seconds:.1f} s")
-                label = f"{spec.method}" + (f" ({spec.ig_steps} steps)" if "IG" in spec.method else "")
+                label = get_method(spec.method).label(spec.ig_steps)
                 label += f", {level} level" if level != "edge" else ""
                 label += f", {intervention}" if intervention != "patching" else ""
                 state.set_scores(scores, key, f"{label}, {spec.metric}, {s.data_label}")
