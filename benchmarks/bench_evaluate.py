@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, edges_for_percent, faithfulness_curve
+    from eapcore.curve import MIB_PERCENTS, edges_for_percent, faithfulness_curve
+    from eapcore.evaluate import CircuitEvaluator
     from eapcore.select import top_n
 
     hf, bridge, data, task_metric = common.setup(args)

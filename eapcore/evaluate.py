@@ -1,4 +1,4 @@
-"""Circuit evaluation in one forward pass per batch, faithfulness, and the MIB faithfulness curve.
+"""Circuit evaluation in one forward pass per batch, and faithfulness (the curve over sizes: eapcore.curve).
 
 During the clean run every destination input gets Σ_{u not in circuit} (a_u^corrupted − a_u^actual),
 where a_u^actual is u's output in this same intervened run: each destination then sees its in-circuit
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -22,8 +22,6 @@ from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_graph, model_lock
 from eapcore.sites import destinations, from_per_column, source_major, sources
 from eapcore.sparse import SparseCircuitRunner
-
-MIB_PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,46 +188,3 @@ def normalized(value: float, full: float, empty: float) -> float:
         )
     return (value - empty) / (full - empty)
 
-
-@dataclass(frozen=True)
-class Curve:
-    """Faithfulness at circuit sizes given as percentages of the graph's edges; CPR/CMD as in MIB."""
-
-    percents: tuple[float, ...]
-    n_edges: tuple[int, ...]
-    faithfulness: tuple[float, ...]
-
-    @property
-    def cpr(self) -> float:
-        """Area under f over the edge fraction (trapezoid rule); higher is better."""
-        return _area(self.percents, self.faithfulness)
-
-    @property
-    def cmd(self) -> float:
-        """Area under |1 − f| over the edge fraction; lower is better."""
-        return _area(self.percents, [abs(1 - f) for f in self.faithfulness])
-
-
-def _area(percents: Sequence[float], values: Sequence[float]) -> float:
-    x = torch.tensor(percents, dtype=torch.float64) / 100
-    return float(torch.trapezoid(torch.tensor(values, dtype=torch.float64), x))
-
-
-def size_for_percent(total: int, percent: float) -> int:
-    """How many of ``total`` edges (or nodes) MIB counts as ``percent``%: at least one unless 0%."""
-    return max(1, round(total * percent / 100)) if percent > 0 else 0
-
-
-def edges_for_percent(graph: Any, percent: float) -> int:
-    return size_for_percent(graph.n_edges, percent)
-
-
-def faithfulness_curve(
-    evaluator: CircuitEvaluator, scores: Scores, percents: Sequence[float] = MIB_PERCENTS, absolute: bool = True
-) -> Curve:
-    """Faithfulness of the top-k% circuits (pruned) for each k in ``percents``."""
-    from eapcore.select import top_n
-
-    sizes = [edges_for_percent(scores.graph, p) for p in percents]
-    values = [evaluator.faithfulness(top_n(scores, n, absolute=absolute)) for n in sizes]
-    return Curve(tuple(percents), tuple(sizes), tuple(values))

@@ -252,7 +252,7 @@ def curve_png(
     curve: Any, fine: Any | None = None, marker: tuple[float, float] | None = None, unit: str = "edges", title: str | None = None
 ) -> bytes:
     """A PNG of faithfulness against the percentage of edges kept (log axis); ``curve`` and ``fine`` are
-    :class:`~eapcore.evaluate.Curve`; ``marker`` is ``(percent, faithfulness)`` of the current circuit."""
+    :class:`~eapcore.curve.Curve`; ``marker`` is ``(percent, faithfulness)`` of the current circuit."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -343,11 +343,6 @@ def log_grid(n_max: int, n_points: int = 120, dense_until: int = 300) -> list[in
     for i in range(n_points):
         values.add(int(round(math.exp(math.log(n_max) * i / (n_points - 1)))))
     return sorted(v for v in values if 0 <= v <= n_max)
-
-
-def fine_percents(n_points: int = 25, lo: float = 0.1, hi: float = 100.0) -> tuple[float, ...]:
-    """Log-spaced percentages from ``lo`` to ``hi``."""
-    return tuple(round(math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / (n_points - 1)), 4) for i in range(n_points))
 
 
 # ----- token-level diff of a prompt pair -----

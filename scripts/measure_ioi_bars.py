@@ -7,7 +7,8 @@ torch.set_num_threads(1)
 from eapcore.models import load_model
 from eapcore.data import PromptPairs, tokenize
 from eapcore.attribute import AttributionSpec, attribute
-from eapcore.evaluate import CircuitEvaluator, faithfulness_curve
+from eapcore.curve import faithfulness_curve
+from eapcore.evaluate import CircuitEvaluator
 from eapcore.select import top_n
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 m = load_model("demo", device="cpu")

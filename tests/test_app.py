@@ -21,7 +21,8 @@ from streamlit.testing.v1 import AppTest
 
 from eapcore.attribute import METHODS, AttributionSpec, attribute
 from eapcore.data import PromptPairs, tokenize
-from eapcore.evaluate import CircuitEvaluator, faithfulness_curve
+from eapcore.curve import faithfulness_curve
+from eapcore.evaluate import CircuitEvaluator
 from eapcore.models import DEMO_MODEL_DIR, ModelSpec, load_model, model_graph
 from eapcore.select import top_n
 from eapcore.tasks import TASKS

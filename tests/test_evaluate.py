@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 from eapcore import sparse
 from eapcore.circuit import Circuit
 from eapcore.data import tokenize
-from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, Curve, normalized
+from eapcore.evaluate import CircuitEvaluator, normalized
 from eapcore.metrics import get_metric, readout
 from eapcore.models import model_graph
 
@@ -81,13 +81,6 @@ def test_faithfulness_is_normalized(evaluator):
     assert evaluator.faithfulness(Circuit.empty(evaluator.graph)) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="undefined"):
         normalized(1.0, 2.0, 2.0)
-
-
-def test_curve_areas():
-    flat = Curve(MIB_PERCENTS, tuple(range(10)), (1.0,) * 10)
-    assert flat.cpr == pytest.approx(0.999) and flat.cmd == pytest.approx(0.0)
-    ramp = Curve((0.0, 100.0), (0, 10), (0.0, 1.0))
-    assert ramp.cpr == pytest.approx(0.5) and ramp.cmd == pytest.approx(0.5)
 
 
 def test_kl_metric_is_zero_for_full_circuit(tiny64, pairs):

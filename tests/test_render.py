@@ -9,7 +9,7 @@ import torch
 
 from eapcore import render
 from eapcore.circuit import Circuit, Scores
-from eapcore.evaluate import Curve
+from eapcore.curve import Curve
 from eapcore.graph import Graph, GraphConfig
 from eapcore.select import top_n
 
@@ -124,12 +124,6 @@ def test_log_grid(n_max: int) -> None:
         assert 1 in grid and len(grid) <= 125
         steps = list(zip(grid[1:], grid[2:]))
         assert all(b == a + 1 or b / a < 1.2 for a, b in steps)  # log-spaced: small relative steps
-
-
-def test_fine_percents() -> None:
-    p = render.fine_percents(25)
-    assert len(p) == 25 and p[0] == pytest.approx(0.1) and p[-1] == pytest.approx(100.0)
-    assert all(b > a for a, b in zip(p, p[1:]))
 
 
 def test_token_diff_marks_differing_tokens(tiny32) -> None:

@@ -20,9 +20,9 @@ import streamlit as st
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import PromptPairs, TokenizedPairs, tokenize
-from eapcore.evaluate import MIB_PERCENTS, CircuitEvaluator, Curve, normalized, size_for_percent
+from eapcore.curve import MIB_PERCENTS, Curve, fine_percents, size_for_percent
+from eapcore.evaluate import CircuitEvaluator, normalized
 from eapcore.models import ModelSpec, load_model, model_graph
-from eapcore.render import fine_percents
 
 EVAL_BATCH = 128
 ENV_THREADS = "EAPCORE_TORCH_THREADS"

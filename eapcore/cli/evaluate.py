@@ -1,9 +1,11 @@
-"""``eapcore evaluate``: a circuit's metric and faithfulness on prompt pairs; prints one JSON object."""
+"""``eapcore evaluate``: a circuit's metric and faithfulness on prompt pairs, or (``--curve``) the faithfulness
+curve over MIB's sizes with CPR/CMD under both rankings and on both axes; prints one JSON object."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from eapcore.cli.common import add_model_and_data, dry_run_inputs, load_data, print_estimate
 from eapcore.distributed import Context
@@ -16,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     size = e.add_mutually_exclusive_group()
     size.add_argument("--top-n", type=int, help="keep the top-n edges by |score|")
     size.add_argument("--threshold", type=float, help="keep edges with |score| >= threshold")
+    size.add_argument("--curve", action="store_true",
+                      help="faithfulness at MIB's 10 sizes under signed and absolute ranking; CPR/CMD on the linear "
+                           "and the log axis, and which of them MIB's leaderboard reports (docs/mib.md)")
     e.set_defaults(run=run)
 
 
@@ -30,6 +35,8 @@ def run(args: argparse.Namespace, ctx: Context) -> None:
 
     model, data, metric = load_data(args, ctx)
     scores, stored = collective(lambda: load_circuit(args.circuit, expected=model_graph(model)), ctx)
+    if args.curve:
+        return _curve(args, ctx, model, data, metric, scores)
     if args.top_n is not None:
         circuit = top_n(scores, args.top_n)
     elif args.threshold is not None:
@@ -58,6 +65,35 @@ def run(args: argparse.Namespace, ctx: Context) -> None:
         "faithfulness": normalized(means["metric"], means["clean"], means["empty"]),
         "intervention": args.intervention,
     }))
+
+
+def _curve(args: argparse.Namespace, ctx: Context, model: Any, data: Any, metric: str, scores: Any) -> None:
+    from eapcore.curve import curve_metrics, mib_circuits, mib_curves_of_metrics
+    from eapcore.distributed import check_size, collective, reduce_means, shard
+    from eapcore.evaluate import CircuitEvaluator
+
+    check_size(len(data), ctx)
+    part = shard(data, ctx.rank, ctx.world) if ctx.active else data
+    circuits = mib_circuits(scores)
+
+    def local() -> dict[str, float]:
+        evaluator = CircuitEvaluator(model, part, metric, args.batch_size, args.intervention, reference=data)
+        metrics = curve_metrics(evaluator, circuits)
+        return {"clean": evaluator.baseline().clean, "empty": evaluator.empty_metric(),
+                **{f"m{i:03d}": m for i, m in enumerate(metrics)}}
+
+    means = reduce_means(collective(local, ctx), len(part), len(data), ctx)
+    if not ctx.main:
+        return
+    metrics = [means[f"m{i:03d}"] for i in range(len(circuits))]
+    curves = mib_curves_of_metrics(scores.graph, metrics, means["clean"], means["empty"])
+    report = curves.to_dict()
+    board, public = report["leaderboard"], report["public_script_default"]
+    print(f"MIB leaderboard ({board['axis']} axis): CPR {board['CPR']:.4f} (signed ranking), CMD {board['CMD']:.4f} "
+          f"(absolute ranking); MIB's run_evaluation.py default ({public['ranking']}, {public['axis']} axis): "
+          f"CPR {public['CPR']:.4f}, CMD {public['CMD']:.4f}")
+    print(json.dumps({"n_examples": len(data), "intervention": args.intervention, "clean_metric": means["clean"],
+                      "empty_metric": means["empty"], **report}))
 
 
 def _dry_run(args: argparse.Namespace) -> None:
