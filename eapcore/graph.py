@@ -16,6 +16,11 @@ import torch
 QKV = ("q", "k", "v")
 
 
+# Families (Hugging Face model_type) whose attention and MLP run in parallel unless the config has a flag saying
+# otherwise: GPT-NeoX's use_parallel_residual and Falcon's parallel_attn default to True, the others always are.
+PARALLEL_FAMILIES = frozenset({"gpt_neox", "falcon", "gptj", "codegen", "phi", "cohere", "cohere2"})
+
+
 @dataclass(frozen=True)
 class GraphConfig:
     """The four numbers that fix a graph (the reference's ``cfg``)."""
@@ -32,6 +37,37 @@ class GraphConfig:
             "parallel_attn_mlp": self.parallel_attn_mlp,
             "d_model": self.d_model,
         }
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "GraphConfig":
+        """The graph of a model from its Hugging Face ``config.json`` (no weights). Grouped-query attention is
+        ungrouped: the graph has one k and one v input per *query* head, so key/value heads do not count.
+        Attention and MLP are parallel when the config says so (``use_parallel_residual``, ``parallel_attn``)
+        or the family always is (:data:`PARALLEL_FAMILIES`)."""
+        cfg = config.get("text_config") or config  # multimodal configs nest the language model's
+
+        def value(what: str, keys: tuple[str, ...]) -> int:
+            found = next((k for k in keys if cfg.get(k) is not None), None)
+            if found is None or isinstance(cfg[found], bool) or not isinstance(cfg[found], int) or cfg[found] < 1:
+                got = f"{found} = {cfg[found]!r}" if found else f"none of {', '.join(keys)}"
+                raise ValueError(
+                    f"the config does not give the number of {what} as a positive integer ({got}); is it a Hugging "
+                    "Face config.json of a decoder language model?"
+                )
+            return cfg[found]
+
+        model_type = str(cfg.get("model_type", ""))
+        parallel = model_type in PARALLEL_FAMILIES
+        for key in ("use_parallel_residual", "parallel_attn", "parallel_attn_mlp"):
+            if isinstance(cfg.get(key), bool):
+                parallel = cfg[key]
+        parallel = parallel or cfg.get("new_decoder_architecture") is True  # Falcon-40B's layout is parallel too
+        return cls(
+            n_layers=value("layers", ("num_hidden_layers", "n_layer", "num_layers", "n_layers")),
+            n_heads=value("attention heads", ("num_attention_heads", "n_head", "num_heads", "n_heads")),
+            parallel_attn_mlp=parallel,
+            d_model=value("hidden units", ("hidden_size", "n_embd", "d_model")),
+        )
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "GraphConfig":
