@@ -1,9 +1,10 @@
-"""Prompt pairs: from a CSV, a DataFrame or lists to validated, tokenized, right-padded batches.
+"""Prompt pairs: from a CSV, JSON Lines, a DataFrame or lists to validated, tokenized, right-padded batches.
 
 A pair is a clean prompt, a corrupted prompt of the same token length, and its answers: ``correct``
 and ``incorrect`` token strings. A cell that starts with ``[`` is a JSON list of token strings (a set
 of answers, e.g. every year above the start year for greater-than). The read-out position is each
-example's last real token.
+example's last real token. A table may instead be in the columns of one of MIB's task datasets
+(:mod:`eapcore.mib_data`), as a CSV of flattened columns or as the JSON Lines ``datasets`` writes.
 """
 
 from __future__ import annotations
@@ -103,9 +104,14 @@ class PromptPairs:
         columns = [str(c).strip() for c in frame.columns]
         missing = [c for c in COLUMNS if c not in columns]
         if missing:
+            from eapcore.mib_data import describe_layouts, pair_columns
+
+            cells = pair_columns(frame)
+            if cells is not None:
+                return cls.from_lists(*cells)
             raise DataError(
                 f"missing column(s) {', '.join(missing)}; found {columns}{_rename_hint(missing, columns)}. "
-                f"The table needs the columns {', '.join(COLUMNS)}"
+                f"The table needs the columns {', '.join(COLUMNS)}, or those of an MIB task dataset: {describe_layouts(columns)}"
             )
         frame = frame.rename(columns=lambda c: str(c).strip())
         cells = {c: [None if _is_missing(v) else v for v in frame[c].tolist()] for c in COLUMNS}
@@ -145,10 +151,61 @@ class PromptPairs:
             raise DataError("the CSV has a header row but no prompt pairs; add one row per pair below the header")
         return cls.from_frame(frame)
 
+    @classmethod
+    def from_json(cls, source: str | Path | bytes | IO, max_bytes: int = MAX_CSV_BYTES) -> "PromptPairs":
+        """Read JSON Lines (one object per line, as ``datasets``' ``to_json`` writes) or a JSON array of
+        objects, with the columns of a CSV or of an MIB task dataset (nested objects allowed)."""
+        import pandas as pd
+
+        with _csv_handle(source, max_bytes) as (handle, _):
+            raw = handle.read()
+        try:
+            text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"the file is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); save it as UTF-8") from None
+        return cls.from_frame(pd.json_normalize(_json_records(text)))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "PromptPairs":
+        """:meth:`from_json` for ``.json``/``.jsonl`` files, else :meth:`from_csv`."""
+        return cls.from_json(path) if Path(path).suffix.lower() in (".json", ".jsonl") else cls.from_csv(path)
+
     def fingerprint(self) -> str:
         """A short content hash, used for caching and provenance."""
         blob = json.dumps([self.clean, self.corrupted, self.correct, self.incorrect]).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _json_records(text: str) -> list[dict]:
+    """The objects of a JSON array or of JSON Lines; errors name the line."""
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"the JSON could not be parsed ({e.msg} at line {e.lineno}, column {e.colno}); the file "
+                            "may be truncated: export it again") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"line {number} is not valid JSON ({e.msg}): {line[:60]!r}; write one JSON object per "
+                                "line (JSON Lines), or one JSON array of objects") from None
+            if len(records) > MAX_ROWS:
+                break
+    bad = next((i for i, r in enumerate(records, start=1) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"row {bad} is {records[bad - 1]!r:.60}, not an object with named fields such as "
+                        '{"clean": ..., "corrupted": ..., "correct": ..., "incorrect": ...}')
+    if not records:
+        raise DataError("the file holds no rows; write one JSON object per prompt pair")
+    if len(records) > MAX_ROWS:
+        raise DataError(f"the file has more than the limit of {MAX_ROWS} prompt pairs; keep at most {MAX_ROWS} rows, "
+                        "e.g. a random sample, and load it again")
+    return records
 
 
 def _is_missing(value: Any) -> bool:

@@ -10,7 +10,7 @@ import torch
 
 from eapcore.circuit import Circuit, Scores
 from eapcore.cli import main
-from eapcore.data import PromptPairs
+from eapcore.data import DataError, PromptPairs
 from eapcore.export import save_json, save_pt
 from eapcore.graph import Graph, GraphConfig
 from eapcore.mib import CIRCUIT_PERCENTS, MODELS, check_submission, write_folder
@@ -265,3 +265,69 @@ def test_folder_layout_problems(tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "ioi").mkdir(parents=True)
     check_fails(empty, capsys, "ioi: the folder name must be {task}_{model}")
+
+
+# ----- MIB's task datasets -----
+
+
+IOI_ROW = {"prompt": "Then, Mary and John went to the store. John gave a drink to",
+           "metadata": {"indirect_object": "Mary", "subject": "John", "random_c": "Bob"},
+           "s2_io_flip_counterfactual": {"prompt": "Then, Mary and John went to the store. Mary gave a drink to"}}
+MCQA_ROW = {"prompt": "The sky is blue. What color is the sky?\nA. red\nB. blue\nAnswer:",
+            "choices": {"label": ["A", "B"], "text": ["red", "blue"]}, "answerKey": 1,
+            "symbol_counterfactual": {"prompt": "The sky is blue. What color is the sky?\nC. red\nD. blue\nAnswer:",
+                                      "choices": {"label": ["C", "D"], "text": ["red", "blue"]}, "answerKey": 1}}
+ARITHMETIC_ROW = {"prompt": "Q: How much is 12 plus 30? A:", "label": 42, "operator": "+",
+                  "random_counterfactual": {"prompt": "Q: How much is 15 plus 30? A:", "label": 45}}
+
+
+def jsonl(rows) -> bytes:
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+def test_mib_layouts_map_to_clean_corrupted_correct_incorrect():
+    ioi = PromptPairs.from_json(jsonl([IOI_ROW]))
+    assert (ioi.clean[0], ioi.corrupted[0]) == (IOI_ROW["prompt"], IOI_ROW["s2_io_flip_counterfactual"]["prompt"])
+    assert (ioi.correct, ioi.incorrect) == (((" Mary",),), ((" John",),))  # MIB prepends the space
+    mcqa = PromptPairs.from_json(json.dumps([MCQA_ROW]).encode())  # a JSON array works too
+    assert (mcqa.clean[0], mcqa.corrupted[0]) == (MCQA_ROW["prompt"], MCQA_ROW["symbol_counterfactual"]["prompt"])
+    assert (mcqa.correct, mcqa.incorrect) == ((("B",),), (("D",),))
+    arithmetic = PromptPairs.from_json(jsonl([ARITHMETIC_ROW]))
+    assert (arithmetic.correct, arithmetic.incorrect) == ((("42",),), (("45",),))
+    assert arithmetic.corrupted == ("Q: How much is 15 plus 30? A:",)
+
+
+def test_mib_layouts_from_flattened_csv_and_nested_frames(tmp_path):
+    import pandas as pd
+
+    flat = pd.json_normalize([IOI_ROW, IOI_ROW])
+    path = tmp_path / "ioi.csv"
+    flat.to_csv(path, index=False)
+    assert PromptPairs.from_csv(path) == PromptPairs.from_json(jsonl([IOI_ROW, IOI_ROW]))
+    nested = pd.DataFrame([MCQA_ROW])  # Dataset.to_pandas() keeps nested objects as dict cells
+    assert PromptPairs.from_frame(nested).correct == (("B",),)
+    pd.json_normalize([MCQA_ROW]).to_csv(path, index=False)  # lists written by pandas as Python reprs
+    assert PromptPairs.from_file(path).incorrect == (("D",),)
+    jl = tmp_path / "arith.jsonl"
+    jl.write_bytes(jsonl([ARITHMETIC_ROW]))
+    assert PromptPairs.from_file(jl).correct == (("42",),)
+
+
+def test_mib_layout_errors_name_row_value_and_fix():
+    bad = dict(MCQA_ROW, answerKey=5)
+    with pytest.raises(DataError, match=r"row 2: 'answerKey' is 5, not a position in 'choices.label' \['A', 'B'\]"):
+        PromptPairs.from_json(jsonl([MCQA_ROW, bad]))
+    no_subject = {**IOI_ROW, "metadata": {"indirect_object": "Mary", "subject": None}}
+    with pytest.raises(DataError, match=r"row 2: column 'metadata.subject' is empty"):
+        PromptPairs.from_json(jsonl([IOI_ROW, no_subject]))
+    partial = {"prompt": "x", "s2_io_flip_counterfactual": {"prompt": "y"}, "metadata": {"subject": "John"}}
+    with pytest.raises(DataError) as e:
+        PromptPairs.from_json(jsonl([partial]))
+    message = str(e.value)
+    assert "missing column(s) clean, corrupted, correct, incorrect" in message
+    assert "looks like MIB's IOI layout but lacks ['metadata.indirect_object']" in message
+    assert "correct <- ' ' + metadata.indirect_object" in message and "incorrect <- random_counterfactual.label" in message
+    with pytest.raises(DataError, match=r"line 2 is not valid JSON"):
+        PromptPairs.from_json(b'{"prompt": "a"}\n{"prompt": ')
+    with pytest.raises(DataError, match="row 1 is 3, not an object"):
+        PromptPairs.from_json(b"[3]")

@@ -33,7 +33,8 @@ def add_model_and_data(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--data``/``--task``, ``--metric``, ``--batch-size``, ``--intervention``, placement, ``--dry-run``."""
     p.add_argument("--model", default="demo", help="'demo', a Hugging Face name, or a local save_pretrained folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="CSV with columns clean,corrupted,correct,incorrect")
+    src.add_argument("--data", help="CSV or JSON Lines with columns clean,corrupted,correct,incorrect, or those of an "
+                                    "MIB task dataset (docs/mib.md)")
     src.add_argument("--task", choices=sorted(TASKS), help="a shipped task (default: ioi when --data is absent)")
     p.add_argument("--metric", choices=sorted(METRICS), help="default: the task's metric, else logit_diff")
     p.add_argument("--batch-size", type=int, default=32)
@@ -51,7 +52,7 @@ def model_spec(args: argparse.Namespace, ctx: Context) -> ModelSpec:
 def read_pairs(args: argparse.Namespace) -> tuple[PromptPairs, str]:
     """(pairs, metric) from ``--data`` or ``--task`` (default ioi); ``--metric`` overrides the task's."""
     if args.data:
-        return PromptPairs.from_csv(args.data), args.metric or "logit_diff"
+        return PromptPairs.from_file(args.data), args.metric or "logit_diff"
     task = get_task(args.task or "ioi")
     return PromptPairs.from_csv(task.csv), args.metric or task.metric
 
