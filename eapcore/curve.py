@@ -24,6 +24,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from eapcore.circuit import Circuit, Scores
+from eapcore.evaluate import CircuitEvaluator, normalized
+from eapcore.graph import Graph
+from eapcore.select import top_n
+
 MIB_PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 AXES = ("linear", "log")
 RANKINGS = ("signed", "absolute")
@@ -40,7 +45,7 @@ def size_for_percent(total: int, percent: float) -> int:
     return int(percent / 100 * total)
 
 
-def edges_for_percent(graph: Any, percent: float) -> int:
+def edges_for_percent(graph: Graph, percent: float) -> int:
     return size_for_percent(graph.n_edges, percent)
 
 
@@ -128,8 +133,6 @@ class Curve:
         absolute: bool = True,
     ) -> "Curve":
         """The curve from each circuit's mean metric and the full (``clean``) and empty circuits' means."""
-        from eapcore.evaluate import normalized
-
         return cls(tuple(percents), tuple(sizes), tuple(normalized(m, clean, empty) for m in metrics), absolute)
 
 
@@ -157,14 +160,12 @@ class MIBCurves:
         }
 
 
-def curve_circuits(scores: Any, percents: Sequence[float], absolute: bool) -> list[Any]:
+def curve_circuits(scores: Scores, percents: Sequence[float], absolute: bool) -> list[Circuit]:
     """The pruned top-k circuit (edges) at each size of ``percents``."""
-    from eapcore.select import top_n
-
     return [top_n(scores, edges_for_percent(scores.graph, p), absolute=absolute) for p in percents]
 
 
-def curve_metrics(evaluator: Any, circuits: Sequence[Any]) -> list[float]:
+def curve_metrics(evaluator: CircuitEvaluator, circuits: Sequence[Circuit]) -> list[float]:
     """Mean metric of each circuit; circuits with the same edges are evaluated once."""
     done: dict[bytes, float] = {}
     out = []
@@ -177,7 +178,7 @@ def curve_metrics(evaluator: Any, circuits: Sequence[Any]) -> list[float]:
 
 
 def faithfulness_curve(
-    evaluator: Any, scores: Any, percents: Sequence[float] = MIB_PERCENTS, absolute: bool = True
+    evaluator: CircuitEvaluator, scores: Scores, percents: Sequence[float] = MIB_PERCENTS, absolute: bool = True
 ) -> Curve:
     """Faithfulness of the top-k% circuits (pruned) for each k in ``percents``, ranked by ``|score|`` when
     ``absolute`` (else by signed score)."""
@@ -188,13 +189,13 @@ def faithfulness_curve(
                             absolute)
 
 
-def mib_circuits(scores: Any, percents: Sequence[float] = MIB_PERCENTS) -> list[Any]:
+def mib_circuits(scores: Scores, percents: Sequence[float] = MIB_PERCENTS) -> list[Circuit]:
     """The curve's circuits under the signed ranking, then under the absolute ranking."""
     return curve_circuits(scores, percents, False) + curve_circuits(scores, percents, True)
 
 
 def mib_curves_of_metrics(
-    graph: Any, metrics: Sequence[float], clean: float, empty: float, percents: Sequence[float] = MIB_PERCENTS
+    graph: Graph, metrics: Sequence[float], clean: float, empty: float, percents: Sequence[float] = MIB_PERCENTS
 ) -> MIBCurves:
     """Both curves from the mean metrics of :func:`mib_circuits` and the full and empty circuits' means."""
     sizes, n = [edges_for_percent(graph, p) for p in percents], len(percents)
@@ -202,7 +203,7 @@ def mib_curves_of_metrics(
                        for k in (0, 1)))
 
 
-def mib_curves(evaluator: Any, scores: Any, percents: Sequence[float] = MIB_PERCENTS) -> MIBCurves:
+def mib_curves(evaluator: CircuitEvaluator, scores: Scores, percents: Sequence[float] = MIB_PERCENTS) -> MIBCurves:
     """The curve under the signed and the absolute ranking (circuits common to both evaluated once)."""
     metrics = curve_metrics(evaluator, mib_circuits(scores, percents))
     return mib_curves_of_metrics(scores.graph, metrics, evaluator.baseline().clean, evaluator.empty_metric(), percents)

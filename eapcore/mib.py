@@ -26,6 +26,7 @@ from eapcore.curve import MIB_PERCENTS, size_for_percent
 from eapcore.export import load_circuit, save_json, save_pt
 from eapcore.graph import GraphConfig
 from eapcore.schema import describe
+from eapcore.select import top_n
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,9 @@ def task_name(task: str) -> str:
 # ----- export -----
 
 
-def write_folder(
-    out: str | Path, scores: Scores, task: str, model: str, circuits: bool = False, fmt: str = "pt",
-    absolute: bool = True, force: bool = False,
-) -> list[Path]:
-    """Write ``scores`` as ``out/{task}_{model}/``: ``importances.{fmt}``, or with ``circuits`` the 9 pruned
-    top-k circuits at MIB's sizes (ranked by ``|score|`` when ``absolute``). A model that is not MIB's is
-    written as given; one that is must have MIB's graph. Returns the files written."""
-    if fmt not in ("pt", "json"):
-        raise ValueError(f"unknown format {fmt!r}; choose pt or json")
+def folder_name(scores: Scores, task: str, model: str, circuits: bool = False) -> str:
+    """``{task}_{model}`` in MIB's spelling, after checking that ``scores`` can be written there: a model that
+    is MIB's must have MIB's graph (another model is written as given); ``circuits`` need edge scores."""
     task, mib = task_name(task), find_model(model)
     model = mib.name if mib else model.strip()
     if not re.fullmatch(r"[A-Za-z0-9.\-]+", task) or not re.fullmatch(r"[A-Za-z0-9.\-]+", model):
@@ -106,7 +101,21 @@ def write_folder(
     if circuits and not bool((scores.edges[graph.real_edge_mask] != 0).any()):
         raise ValueError("these scores have no edge scores (a node- or neuron-level run?); export them as importance "
                          "scores (without --circuits)")
-    folder = Path(out) / f"{task}_{model}"
+    return f"{task}_{model}"
+
+
+def write_folder(
+    out: str | Path, scores: Scores, task: str, model: str, circuits: bool = False, fmt: str = "pt",
+    absolute: bool = True, force: bool = False,
+) -> list[Path]:
+    """Write ``scores`` as ``out/{task}_{model}/`` (:func:`folder_name`): ``importances.{fmt}``, or with
+    ``circuits`` the 9 pruned top-k circuits at MIB's sizes (ranked by ``|score|`` when ``absolute``).
+    Returns the files written."""
+    if fmt not in ("pt", "json"):
+        raise ValueError(f"unknown format {fmt!r}; choose pt or json")
+    name = folder_name(scores, task, model, circuits)
+    folder = Path(out) / name
+    task, model = name.rsplit("_", 1)
     old = _circuit_files(folder) if folder.is_dir() else []
     if old and not force:
         raise ValueError(f"{folder} already holds {len(old)} circuit file(s), e.g. {old[0].name}; write elsewhere, "
@@ -120,12 +129,10 @@ def write_folder(
         path = folder / f"{IMPORTANCES}.{fmt}"
         save(path, scores, None, provenance)
         return [path]
-    from eapcore.select import top_n
-
     paths = []
     for p in CIRCUIT_PERCENTS:
         path = folder / f"edges_{p:g}pct.{fmt}"
-        save(path, None, top_n(scores, size_for_percent(graph.n_edges, p), absolute=absolute), provenance)
+        save(path, None, top_n(scores, size_for_percent(scores.graph.n_edges, p), absolute=absolute), provenance)
         paths.append(path)
     return paths
 

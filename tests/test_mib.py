@@ -192,6 +192,26 @@ def test_a_complete_submission_has_no_warnings(tmp_path):
                               "mcqa_qwen2.5": "9 binary circuits"}
 
 
+def test_mib_export_reads_task_and_model_from_the_runs(tmp_path, capsys):
+    runs = []
+    for i, (model, task) in enumerate((("gpt2", "ioi"), ("Qwen/Qwen2.5-0.5B", "mcqa"), ("/data/my-model", "ioi"))):
+        name = "qwen2.5" if "Qwen" in model else "gpt2"
+        runs.append(tmp_path / f"run{i}.pt")
+        save_pt(runs[-1], random_scores(MODELS[name].cfg, i), None, {"model": model, "task": task})
+    out = tmp_path / "sub"
+    assert main(["mib-export", "--runs", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["written"] == {"ioi_gpt2": ["importances.pt"], "mcqa_qwen2.5": ["importances.pt"]}
+    assert result["check"]["ok"] and not result["check"]["warnings"]
+    assert main(["mib-export", "--runs", str(runs[0]), str(runs[0]), "--out", str(tmp_path / "x")]) == 2
+    assert "both go to ioi_gpt2" in capsys.readouterr().err
+    assert main(["mib-export", "--runs", str(runs[2]), "--out", str(tmp_path / "y")]) == 2
+    assert "records the model '/data/my-model'" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert main(["mib-export", "--runs", str(runs[2]), "--model-name", "gpt2", "--task", "ioi", "mcqa",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "--task has 2 values for 1 runs" in capsys.readouterr().err
+
+
 def test_mib_export_refuses_scores_of_another_graph_for_an_mib_model(demo_run, tmp_path, capsys):
     assert main(["mib-export", "--runs", str(demo_run[0]), "--task", "ioi", "--model-name", "gpt2",
                  "--out", str(tmp_path)]) == 2

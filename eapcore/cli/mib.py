@@ -48,7 +48,7 @@ def _from_run(given: str | None, provenance: dict, key: str, path: str, flag: st
 
 def run_export(args: argparse.Namespace, ctx: Context) -> None:
     from eapcore.export import load_circuit
-    from eapcore.mib import check_submission, find_model, task_name, write_folder
+    from eapcore.mib import MODELS, check_submission, find_model, folder_name, task_name, write_folder
 
     tasks = _per_run(args.task, len(args.runs), "--task")
     models = _per_run(args.model_name, len(args.runs), "--model-name")
@@ -56,9 +56,13 @@ def run_export(args: argparse.Namespace, ctx: Context) -> None:
     for path, task, model in zip(args.runs, tasks, models):
         scores, _ = load_circuit(path)
         task = task_name(_from_run(task, scores.provenance, "task", path, "--task"))
+        recorded = model is None
         model = _from_run(model, scores.provenance, "model", path, "--model-name")
-        model = find_model(model).name if find_model(model) else model
-        folder = f"{task}_{model}"
+        mib = find_model(model)
+        if mib is None and recorded and not model.replace(".", "").replace("-", "").isalnum():
+            raise ValueError(f"{path} records the model {model!r}, not one of MIB's ({', '.join(MODELS)}); pass "
+                             "--model-name")
+        folder = folder_name(scores, task, model, args.circuits)
         if folder in plan:
             raise ValueError(f"{plan[folder][0]} and {path} both go to {folder}; MIB takes one run per task and model")
         plan[folder] = (path, scores, task, model)
