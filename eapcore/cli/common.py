@@ -29,18 +29,23 @@ def add_placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-devices", type=int, help="split the model over this many GPUs (excludes --device)")
 
 
-def add_model_and_data(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--data``/``--task``, ``--metric``, ``--batch-size``, ``--intervention``, placement, ``--dry-run``."""
+def add_model_and_pairs(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--data``/``--task``, ``--metric`` and placement."""
     p.add_argument("--model", default="demo", help="'demo', a Hugging Face name, or a local save_pretrained folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="CSV or JSON Lines with columns clean,corrupted,correct,incorrect, or those of an "
                                     "MIB task dataset (docs/mib.md)")
     src.add_argument("--task", choices=sorted(TASKS), help="a shipped task (default: ioi when --data is absent)")
     p.add_argument("--metric", choices=sorted(METRICS), help="default: the task's metric, else logit_diff")
+    add_placement(p)
+
+
+def add_model_and_data(p: argparse.ArgumentParser) -> None:
+    """:func:`add_model_and_pairs`, ``--batch-size``, ``--intervention``, ``--dry-run``."""
+    add_model_and_pairs(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--intervention", default="patching", choices=INTERVENTIONS,
                    help="what an ablated edge carries; mean/mean-positional average over the data's clean prompts")
-    add_placement(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the estimated peak memory of this run and exit without loading the model")
 
