@@ -4,7 +4,9 @@
 ``edges_scores`` ``[n_forward, n_backward]`` float32, ``edges_in_graph`` bool, ``nodes_in_graph``
 ``[n_forward]`` bool, optional ``nodes_scores`` / ``neurons_scores`` / ``neurons_in_graph``), read back
 with ``weights_only=True`` only. ``.json``: ``{"cfg", "nodes": {name: {"in_graph", "score"?}},
-"edges": {"parent->child<q>": {"score", "in_graph"}}}``. Both carry our provenance under ``eapcore``.
+"edges": {"parent->child<q>": {"score", "in_graph"}}}``. Both carry our provenance under ``eapcore``, and
+there, under ``edits``, the hand edits that made the circuit (:func:`eapcore.edits.from_provenance` reads
+them back).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from eapcore.circuit import Circuit, Scores
+from eapcore.edits import Edits
 from eapcore.graph import Graph
 from eapcore.schema import (
     FileCheck,
@@ -40,8 +43,10 @@ def _own(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to("cpu", dtype).clone()
 
 
-def _payload(scores: Scores | None, circuit: Circuit | None, provenance: dict | None) -> dict[str, Any]:
-    """The ``.pt`` dict; the ``.json`` file is written from it too."""
+def _payload(
+    scores: Scores | None, circuit: Circuit | None, provenance: dict | None, edits: Edits | None = None
+) -> dict[str, Any]:
+    """The ``.pt`` dict; the ``.json`` file is written from it too. ``edits`` replace any in ``provenance``."""
     if scores is None and circuit is None:
         raise ValueError("nothing to save: pass scores, a circuit, or both")
     graph = scores.graph if scores is not None else circuit.graph
@@ -72,6 +77,10 @@ def _payload(scores: Scores | None, circuit: Circuit | None, provenance: dict | 
             out["neurons_in_graph"] = _own(circuit.neurons, torch.bool)
     if provenance is None:
         provenance = scores.provenance if scores is not None else {}
+    provenance = {k: v for k, v in provenance.items() if k != "edits"}
+    if edits:
+        edits.check(graph)
+        provenance["edits"] = edits.to_dict()
     out["eapcore"] = plain(provenance)
     return out
 
@@ -95,10 +104,11 @@ def _values(graph: Graph, tables: dict[str, Any], provenance: dict) -> tuple[Sco
 
 
 def save_pt(
-    path: PathLike, scores: Scores | None, circuit: Circuit | None, provenance: dict | None = None
+    path: PathLike, scores: Scores | None, circuit: Circuit | None, provenance: dict | None = None,
+    edits: Edits | None = None,
 ) -> None:
     """Write scores and/or a circuit as an EAP-IG ``.pt`` file; ``provenance`` defaults to the scores'."""
-    torch.save(_payload(scores, circuit, provenance), path)
+    torch.save(_payload(scores, circuit, provenance, edits), path)
 
 
 def _torch_load(path: PathLike, fail: FileCheck) -> Any:
@@ -183,10 +193,11 @@ def load_pt(path: PathLike, expected: Graph | None = None) -> tuple[Scores, Circ
 
 
 def save_json(
-    path: PathLike, scores: Scores | None, circuit: Circuit | None, provenance: dict | None = None
+    path: PathLike, scores: Scores | None, circuit: Circuit | None, provenance: dict | None = None,
+    edits: Edits | None = None,
 ) -> None:
     """Write scores and/or a circuit as an EAP-IG ``.json`` file (real edges in row-major order)."""
-    data = _payload(scores, circuit, provenance)
+    data = _payload(scores, circuit, provenance, edits)
     graph = scores.graph if scores is not None else circuit.graph
     nodes: dict[str, dict[str, Any]] = {
         name: {"in_graph": flag} for name, flag in zip(graph.src_nodes, data["nodes_in_graph"].tolist())

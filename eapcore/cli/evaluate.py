@@ -21,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--curve", action="store_true",
                       help="faithfulness at MIB's 10 sizes under signed and absolute ranking; CPR/CMD on the linear "
                            "and the log axis, and which of them MIB's leaderboard reports (docs/mib.md)")
+    e.add_argument("--include", nargs="+", action="extend", default=[], metavar="EDGE_OR_NODE",
+                   help="force edges (a0.h1->a2.h3<q>, m1->logits) or nodes (a0.h1, m1, input) into the selected "
+                        "edges before pruning; the output then also gives the unedited circuit's faithfulness")
+    e.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="EDGE_OR_NODE",
+                   help="remove edges, or nodes with all their edges, from the selected edges before pruning")
     e.set_defaults(run=run)
 
 
@@ -28,34 +33,44 @@ def run(args: argparse.Namespace, ctx: Context) -> None:
     if args.dry_run:
         return _dry_run(args)
     from eapcore.distributed import check_size, collective, reduce_means, shard
+    from eapcore.edits import Edits, apply_edits
     from eapcore.evaluate import CircuitEvaluator, normalized
     from eapcore.export import load_circuit
     from eapcore.models import model_graph
     from eapcore.select import threshold, top_n
 
+    edits = Edits(tuple(args.include), tuple(args.exclude))
+    if edits and args.curve:
+        raise ValueError("--include/--exclude edit one circuit and --curve ranks circuits of many sizes; use one of them")
     model, data, metric = load_data(args, ctx)
     scores, stored = collective(lambda: load_circuit(args.circuit, expected=model_graph(model)), ctx)
     if args.curve:
         return _curve(args, ctx, model, data, metric, scores)
+    prune = not edits  # edits apply to the selected edges before pruning
     if args.top_n is not None:
-        circuit = top_n(scores, args.top_n)
+        circuit = top_n(scores, args.top_n, prune=prune)
     elif args.threshold is not None:
-        circuit = threshold(scores, args.threshold)
+        circuit = threshold(scores, args.threshold, prune=prune)
     else:
         circuit = stored
+    circuits = {"metric": circuit}
+    if edits:
+        edited = apply_edits(circuit, edits)
+        circuit = circuits["metric"] = edited.circuit
+        circuits["unedited"] = edited.unedited
     check_size(len(data), ctx)
     part = shard(data, ctx.rank, ctx.world) if ctx.active else data
 
     def local() -> dict[str, float]:
         evaluator = CircuitEvaluator(model, part, metric, args.batch_size, args.intervention, reference=data)
         base = evaluator.baseline()
-        return {"metric": evaluator.evaluate(circuit).mean().item(), "clean": base.clean, "corrupted": base.corrupted,
-                "empty": evaluator.empty_metric()}
+        values = {key: evaluator.evaluate(c).mean().item() for key, c in circuits.items()}
+        return {**values, "clean": base.clean, "corrupted": base.corrupted, "empty": evaluator.empty_metric()}
 
     means = reduce_means(collective(local, ctx), len(part), len(data), ctx)
     if not ctx.main:
         return
-    print(json.dumps({
+    result = {
         "n_edges": circuit.n_edges,
         "n_nodes": circuit.n_nodes,
         "metric": means["metric"],
@@ -64,7 +79,13 @@ def run(args: argparse.Namespace, ctx: Context) -> None:
         "empty_metric": means["empty"],
         "faithfulness": normalized(means["metric"], means["clean"], means["empty"]),
         "intervention": args.intervention,
-    }))
+    }
+    if edits:
+        result["edits"] = {**edits.to_dict(), "dropped": list(edited.dropped)}
+        result["unedited"] = {"n_edges": edited.unedited.n_edges, "n_nodes": edited.unedited.n_nodes,
+                              "metric": means["unedited"],
+                              "faithfulness": normalized(means["unedited"], means["clean"], means["empty"])}
+    print(json.dumps(result))
 
 
 def _curve(args: argparse.Namespace, ctx: Context, model: Any, data: Any, metric: str, scores: Any) -> None:
