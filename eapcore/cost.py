@@ -30,7 +30,7 @@ from eapcore.data import TokenizedPairs
 from eapcore.memory import Estimate, attribution_estimate, batch_shapes, human, shape_of_model
 from eapcore.models import DTYPES, model_device, model_dtype, model_graph
 
-# First guess, calibrated on CPU-1 (benchmarks/README.md, bench_inspect.py --cost): seconds of overhead per
+# First guess, calibrated on this project's CPU (benchmarks/README.md): seconds of overhead per
 # layer per pass, and the fraction of the matrix-multiply speed that a model pass reaches.
 PASS_OVERHEAD_S = 3e-3
 FLOP_EFFICIENCY = 0.7

@@ -82,7 +82,7 @@ def save_session(target: str | os.PathLike | IO[bytes], session: Session) -> Non
     for i, run in enumerate(session.runs):
         names = [n for n in ("edges", "nodes", "neurons") if getattr(run.scores, n) is not None]
         for n in names:
-            tensors[f"run{i}.{n}"] = getattr(run.scores, n).detach().cpu().contiguous()
+            tensors[f"run{i}.{n}"] = getattr(run.scores, n).detach().cpu().clone()  # runs may share storage
         runs.append({"label": run.label, "key": run.key, "spec": asdict(run.spec),
                      "provenance": plain(run.scores.provenance), "tensors": names})
     meta = {

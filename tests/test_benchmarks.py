@@ -90,6 +90,16 @@ def test_bench_evaluate_prints_latencies(tiny_dir: Path, tmp_path: Path, capsys:
     assert line["n"] == 3 and all(line[k] > 0 for k in ("move_ms", "curve_ms", "forward_ms"))
 
 
+def test_bench_inspect_prints_latencies(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_inspect
+
+    record = bench_inspect.main(["--model", "gpt2-tiny", "--data", "random", "--n", "6", "--length", "5",
+                                 "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu"])
+    assert last_json(capsys) == json.loads(json.dumps(record))
+    assert all(record[k] > 0 for k in ("inspect_new_pair_ms", "inspect_mlp_ms", "edit_ms", "move_ms", "session_ms"))
+    assert record["guess_s"] > 0 and record["measured_estimate_s"] > 0
+
+
 def test_random_scores_cover_every_real_edge(tiny32) -> None:
     from eapcore.models import model_graph
 

@@ -55,6 +55,8 @@ def test_round_trip_through_a_file_and_a_buffer(session, tmp_path):
     save_session(buffer, session)
     _assert_equal(load_session(io.BytesIO(buffer.getvalue())), session)
     assert session.runs[1].scores.neurons is not None and session.runs[0].scores.nodes is None
+    twice = replace(session, runs=session.runs + (replace(session.runs[0], label="again"),))  # shared tensors
+    _assert_equal(load_session(_saved(twice)), twice)
     empty = Session(session.graph, session.model, session.pairs, "file: x.csv", "kl_div")
     save_session(tmp_path / "e.eapcore", empty)
     _assert_equal(load_session((tmp_path / "e.eapcore").read_bytes()), empty)
