@@ -5,10 +5,11 @@ a head: its slice of ``hook_result``; an MLP: ``hook_mlp_out``). Everything is r
 read-out position, its last real token, on the clean and on the corrupted prompt.
 
 **Direct logits** of node u on a run: ``d_u = T(c_u) − T(0)`` ``[d_vocab]``, where ``c_u`` ``[d_model]``
-is u's output and ``T`` the model's own final norm and unembedding with the norm's scale frozen at *that
-run's* value (``ln_final.hook_scale`` fixed; T is then affine and d_u its linear part, biases excluded).
-The run's final logits L are T of the residual stream, a sum of node outputs and constants, so
-``L − d_u`` is exactly the run with u's direct path to the logits removed and the norm's scale kept.
+is u's output and ``T`` the model's final norm and unembedding with the norm's scale (``ln_final.hook_scale``)
+frozen at *that run's* value: T is then affine and d_u its linear part (biases excluded). The run's final
+logits L are T of the residual stream, a sum of node outputs and constants (checked per pair: T of the
+recorded residual stream must give the model's logits), so ``L − d_u`` is exactly the run with u's direct
+path to the logits removed and the norm's scale kept.
 The tokens u *promotes* (*suppresses*) are the largest (smallest) entries of the clean run's d_u.
 
 **Direct effect** on the metric m, per run: ``m(L) − m(L − d_u)``, the metric minus the metric without
@@ -25,7 +26,6 @@ pair costs one small unembedding (and, for a head in a layer not seen yet, one f
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ import torch
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import Batch, TokenizedPairs
 from eapcore.metrics import Metric, get_metric
-from eapcore.models import model_device, model_dtype, model_graph, model_lock
+from eapcore.models import architecture, model_device, model_dtype, model_graph, model_lock
 from eapcore.names import check_node
 from eapcore.sites import source_major, sources
 
@@ -65,7 +65,7 @@ _RUNS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary
 _RUNS_GUARD = threading.Lock()
 
 
-def one_pair(data: TokenizedPairs, pair: int) -> Batch:
+def _one_pair(data: TokenizedPairs, pair: int) -> Batch:
     """Pair ``pair`` of ``data`` as a batch of one, without padding."""
     if isinstance(pair, bool) or not isinstance(pair, int) or not 0 <= pair < len(data):
         raise ValueError(f"pair {pair!r} is out of range: the data has {len(data)} pairs; choose 0 <= pair < {len(data)}")
@@ -77,7 +77,7 @@ def one_pair(data: TokenizedPairs, pair: int) -> Batch:
 
 def pair_runs(model: Any, data: TokenizedPairs, pair: int) -> PairRuns:
     """The runs of pair ``pair`` (computed once per model, data and pair; the last :data:`PAIRS_KEPT` kept)."""
-    batch = one_pair(data, pair)
+    batch = _one_pair(data, pair)
     key = (data.fingerprint, pair)
     with _RUNS_GUARD:
         kept = _RUNS.setdefault(model, OrderedDict())
@@ -114,12 +114,15 @@ def _run_pair(model: Any, batch: Batch) -> PairRuns:
     hooks = [(s.hook, record(s.rows)) for s in sources(graph)] + [(n, keep(n)) for n in (resid, "ln_final.hook_scale")]
     with model_lock(model), torch.inference_mode():
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[:, last].cpu()
+        if len(store) < 2:
+            raise ValueError(f"{architecture(model)} does not fire {resid} and ln_final.hook_scale, which the drill-down "
+                             "reads; it is not supported by the drill-down")
         tail = _tail(model, store[resid], store["ln_final.hook_scale"])
     err = float((tail - logits).abs().max())
     if err > _TAIL_TOL.get(model_dtype(model), 0.25) * max(float(logits.abs().max()), 1.0):
         raise ValueError(
-            f"the model's final norm and unembedding do not reproduce its logits (max difference {err:.3g}), so "
-            "direct effects cannot be read through them; this model family is not supported by the drill-down"
+            f"{architecture(model)}'s final norm and unembedding do not reproduce its logits (max difference "
+            f"{err:.3g}), so direct effects cannot be read through them; it is not supported by the drill-down"
         )
     tok = model.tokenizer
     labels = tuple([tok.decode([int(i)]) for i in row] for row in (batch.clean[0], batch.corrupted[0]))
@@ -127,13 +130,22 @@ def _run_pair(model: Any, batch: Batch) -> PairRuns:
 
 
 def _tail(model: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The model's final norm (its scale fixed to ``scale`` ``[k 1]``) and unembedding of ``x`` ``[k d_model]``
-    -> ``[k d_vocab]`` on the CPU. Call under the model's lock."""
-    device = model_device(model)
-    fixed = scale.to(device).unsqueeze(1)
-    with warnings.catch_warnings(), model.hooks(fwd_hooks=[("ln_final.hook_scale", lambda t, hook: fixed)]):
-        warnings.simplefilter("ignore")  # the bridge warns that an edited scale leaves Hugging Face's own norm path
-        return model.unembed(model.ln_final(x.to(device).unsqueeze(1))).squeeze(1).cpu()
+    """The model's final norm with its scale fixed to ``scale`` ``[k 1]``, then its unembedding, of ``x``
+    ``[k d_model]`` -> ``[k d_vocab]`` on the CPU. The norm's affine part is applied here, in float32 as the
+    bridge does (its own path for an edited scale fails on norms without parameters, e.g. OLMo's)."""
+    norm = model.ln_final
+    hf = norm.original_component
+    device = next(model.unembed.parameters()).device  # the last device when the model is split over several
+    y = x.to(device, torch.float32 if x.dtype not in (torch.float32, torch.float64) else x.dtype)
+    if not norm.uses_rms_norm:
+        y = y - y.mean(-1, keepdim=True)
+    y = y / scale.to(y)
+    weight, bias = getattr(hf, "weight", None), getattr(hf, "bias", None)
+    if weight is not None:
+        y = y * ((1.0 + weight) if norm.uses_weight_offset else weight).to(y)
+    if bias is not None and not norm.uses_rms_norm:
+        y = y + bias.to(y)
+    return model.unembed(y.to(x.dtype).unsqueeze(1)).squeeze(1).cpu()
 
 
 def patterns(model: Any, runs: PairRuns, layer: int) -> torch.Tensor:

@@ -63,14 +63,18 @@ def graph_for(cfg: Any, fail: FileCheck, expected: Graph | None) -> Graph:
     found = GraphConfig.from_dict(cfg)
     if expected is None:
         return Graph(found)
-    want = expected.cfg
-    shape = lambda c: (c.n_layers, c.n_heads, c.parallel_attn_mlp)  # noqa: E731
-    if shape(found) != shape(want) or (found.d_model and want.d_model and found.d_model != want.d_model):
+    if not fits(found, expected.cfg):
         raise ValueError(
             f"circuit file {fail.path} is for a model with {describe(found)}, but the loaded model has "
-            f"{describe(want)}; load the model the circuit was made for, or recompute the scores"
+            f"{describe(expected.cfg)}; load the model the circuit was made for, or recompute the scores"
         )
     return expected
+
+
+def fits(found: GraphConfig, want: GraphConfig) -> bool:
+    """Whether a file's graph ``found`` is the loaded model's ``want`` (``d_model`` only if both know it)."""
+    shape = lambda c: (c.n_layers, c.n_heads, c.parallel_attn_mlp)  # noqa: E731
+    return shape(found) == shape(want) and not (found.d_model and want.d_model and found.d_model != want.d_model)
 
 
 def plain(obj: Any, where: str = "provenance") -> Any:

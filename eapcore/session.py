@@ -33,7 +33,7 @@ from eapcore.edits import Edits
 from eapcore.graph import Graph, GraphConfig
 from eapcore.metrics import METRICS
 from eapcore.models import DTYPES, ModelSpec
-from eapcore.schema import describe, plain
+from eapcore.schema import describe, fits, plain
 
 FORMAT = "eapcore-session"
 VERSION = 1
@@ -238,11 +238,9 @@ def _graph(cfg: Any, expected: Graph | None, name: str, model: str, fail: Any) -
     found = GraphConfig.from_dict(cfg)
     if expected is None:
         return Graph(found)
-    want = expected.cfg
-    shape = lambda c: (c.n_layers, c.n_heads, c.parallel_attn_mlp)  # noqa: E731
-    if shape(found) != shape(want) or (found.d_model and want.d_model and found.d_model != want.d_model):
+    if not fits(found, expected.cfg):
         raise ValueError(f"{name} is a session for a model with {describe(found)}, but the loaded model has "
-                         f"{describe(want)}; load the model it was saved with ({model!r})")
+                         f"{describe(expected.cfg)}; load the model it was saved with ({model!r})")
     return expected
 
 

@@ -1,4 +1,5 @@
-"""Node drill-down against Hugging Face's own model, on a tiny GPT-2 and a tiny Llama (rotary, RMSNorm, GQA):
+"""Node drill-down against Hugging Face's own model, on a tiny GPT-2, Llama (rotary, RMSNorm, GQA), Gemma
+(RMSNorm storing weight − 1, one key/value head) and OLMo (LayerNorm without parameters):
 
 * attention: ``output_attentions`` of the eager Hugging Face model for that layer and head;
 * direct logits and effect: the node's output captured with plain forward hooks on the Hugging Face modules
@@ -27,36 +28,37 @@ from conftest import save_with_tiny_tokenizer
 from test_families import FAMILIES, _hf_model
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    config_cls, model_cls, kwargs, _, _ = FAMILIES["llama"]
-    path = save_with_tiny_tokenizer(tmp_path_factory.mktemp("llama"), _hf_model(config_cls, model_cls, kwargs))
-    return path, load_model(str(path), device="cpu", dtype="float64")
+# relative tolerance of the direct logits: float32 for GPT-2; OLMo's norm computes in float32 even in float64
+TOLERANCE = {"gpt2": 1e-4, "llama": 1e-9, "gemma": 1e-9, "olmo": 1e-5}
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def case(request, tiny_dir, llama, pairs):
+@pytest.fixture(scope="module", params=list(TOLERANCE))
+def case(request, tiny_dir, pairs, tmp_path_factory):
     """(family, bridge, eager Hugging Face model, data) on the same weights."""
-    if request.param == "gpt2":
-        path, bridge, dtype = tiny_dir, load_model(str(tiny_dir), device="cpu", dtype="float32"), torch.float32
+    family = request.param
+    if family == "gpt2":
+        path, dtype = tiny_dir, torch.float32
     else:
-        (path, bridge), dtype = llama, torch.float64
+        config_cls, model_cls, kwargs, _, _ = FAMILIES[family]
+        path, dtype = save_with_tiny_tokenizer(tmp_path_factory.mktemp(family), _hf_model(config_cls, model_cls, kwargs)), torch.float64
+    bridge = load_model(str(path), device="cpu", dtype=str(dtype).replace("torch.", ""))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
-    return request.param, bridge, hf, tokenize(pairs, bridge.tokenizer)
+    return family, bridge, hf, tokenize(pairs, bridge.tokenizer)
 
 
 def _parts(family: str, hf):
-    """(embedding, layers, final norm, its epsilon, is RMSNorm, output projection of a layer)."""
+    """(embedding, layers, final norm, its epsilon, output projection of a layer)."""
     if family == "gpt2":
         t = hf.transformer
-        return t.wte, t.h, t.ln_f, hf.config.layer_norm_epsilon, False, lambda layer: layer.attn.c_proj
+        return t.wte, t.h, t.ln_f, hf.config.layer_norm_epsilon, lambda layer: layer.attn.c_proj
     m = hf.model
-    return m.embed_tokens, m.layers, m.norm, hf.config.rms_norm_eps, True, lambda layer: layer.self_attn.o_proj
+    eps = 1e-5 if family == "olmo" else hf.config.rms_norm_eps  # OlmoLayerNorm's fixed epsilon
+    return m.embed_tokens, m.layers, m.norm, eps, lambda layer: layer.self_attn.o_proj
 
 
 def _by_hand(family: str, hf, tokens: torch.Tensor, node: str):
     """(node output, final-norm input, logits) at the last position, from hooks on Hugging Face's modules."""
-    embed, layers, norm, _, _, out_proj = _parts(family, hf)
+    embed, layers, norm, _, out_proj = _parts(family, hf)
     seen = {}
     handles = [norm.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0][0, -1]))]
     if node == "input":
@@ -80,11 +82,12 @@ def _by_hand(family: str, hf, tokens: torch.Tensor, node: str):
 
 def _frozen_unembed(family: str, hf, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """c through the final norm with the scale of x (the norm's input), then the unembedding; no biases."""
-    _, _, norm, eps, rms, _ = _parts(family, hf)
-    c, x = c.detach(), x.detach()
-    gamma, w_u = norm.weight.detach(), hf.lm_head.weight.detach()
-    if rms:
+    _, _, norm, eps, _ = _parts(family, hf)
+    c, x, w_u = c.detach(), x.detach(), hf.lm_head.weight.detach()
+    if family in ("llama", "gemma"):  # RMSNorm; Gemma stores its weight as an offset from 1
+        gamma = norm.weight.detach() + (1 if family == "gemma" else 0)
         return (c / (x.pow(2).mean() + eps).sqrt() * gamma) @ w_u.T
+    gamma = norm.weight.detach() if family == "gpt2" else 1.0  # OLMo's LayerNorm has no parameters
     scale = ((x - x.mean()).pow(2).mean() + eps).sqrt()
     return ((c - c.mean()) / scale * gamma) @ w_u.T
 
@@ -126,7 +129,7 @@ def test_attention_equals_hugging_face(case, node):
 @pytest.mark.parametrize("node", ["input", "a0.h0", "a1.h1", "m0", "m1"])
 def test_direct_effect_equals_hand_computation(case, node, metric):
     family, bridge, hf, data = case
-    tol = 1e-4 if family == "gpt2" else 1e-9
+    tol = TOLERANCE[family]
     i = 1
     report = inspect_node(bridge, data, i, node, metric, k=3)
     clean_tokens, corrupted_tokens, correct, incorrect = _pair(data, i)
