@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from eapcore.attribute import AttributionSpec, attribute
     from eapcore.data import PromptPairs
     from eapcore.edits import Edits, apply_edits
-    from eapcore.evaluate import CircuitEvaluator, edges_for_percent
+    from eapcore.curve import edges_for_percent
+    from eapcore.evaluate import CircuitEvaluator
     from eapcore.inspection import inspect_node
     from eapcore.models import ModelSpec
     from eapcore.select import top_n
