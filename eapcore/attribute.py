@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from eapcore.circuit import Circuit, Scores
+from eapcore.circuit import Scores
 from eapcore.data import Batch, TokenizedPairs
 from eapcore import fastgrad
 from eapcore.gradients import Accumulator, Delta, activation_interpolation, input_interpolation
@@ -214,33 +214,12 @@ def _exact(
     model: Any, graph: Graph, data: TokenizedPairs, spec: AttributionSpec, metric: Metric,
     progress: Progress | None, reference: TokenizedPairs | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
-    """Ground truth: ablate each edge (or each node's outgoing edges) alone; score = loss change."""
+    """Ground truth: remove each edge (or each node's outgoing edges) alone; score = loss change (:mod:`eapcore.exact`)."""
+    from eapcore import exact
     from eapcore.evaluate import CircuitEvaluator
 
     evaluator = CircuitEvaluator(model, data, metric, spec.batch_size, spec.intervention, reference)
-    full = Circuit.full(graph)
-    sign = -1.0 if metric.higher_is_better else 1.0
-    base = evaluator.evaluate(full).double().mean().item()
-
-    def loss_change(edges: torch.Tensor) -> float:
-        value = evaluator.evaluate(Circuit(graph, edges, full.nodes)).double().mean().item()
-        return sign * (value - base)
-
     if spec.level == "node":
-        tick = _counter(graph.n_forward, progress)
-        nodes = torch.zeros(graph.n_forward, dtype=torch.float64)
-        for row in range(graph.n_forward):
-            edges = graph.real_edge_mask.clone()
-            edges[row] = False
-            nodes[row] = loss_change(edges)
-            tick()
-        return torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64), nodes, None
-    rows, cols = graph.real_edge_mask.nonzero(as_tuple=True)
-    tick = _counter(len(rows), progress)
-    scores = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64)
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        edges = graph.real_edge_mask.clone()
-        edges[r, c] = False
-        scores[r, c] = loss_change(edges)
-        tick()
-    return scores, None, None
+        edges = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64)
+        return edges, exact.node_effects(evaluator, progress=progress), None
+    return exact.edge_scores(evaluator, progress), None, None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from eapcore.circuit import Circuit, Scores
 from eapcore.evaluate import CircuitEvaluator, normalized
@@ -165,8 +165,11 @@ def curve_circuits(scores: Scores, percents: Sequence[float], absolute: bool) ->
     return [top_n(scores, edges_for_percent(scores.graph, p), absolute=absolute) for p in percents]
 
 
-def curve_metrics(evaluator: CircuitEvaluator, circuits: Sequence[Circuit]) -> list[float]:
-    """Mean metric of each circuit; circuits with the same edges are evaluated once."""
+def curve_metrics(
+    evaluator: CircuitEvaluator, circuits: Sequence[Circuit], progress: Callable[[int, int], None] | None = None
+) -> list[float]:
+    """Mean metric of each circuit; circuits with the same edges are evaluated once. ``progress(done, total)``
+    is called after each circuit; raise from it to stop."""
     done: dict[bytes, float] = {}
     out = []
     for circuit in circuits:
@@ -174,6 +177,8 @@ def curve_metrics(evaluator: CircuitEvaluator, circuits: Sequence[Circuit]) -> l
         if key not in done:
             done[key] = evaluator.evaluate(circuit).mean().item()
         out.append(done[key])
+        if progress is not None:
+            progress(len(out), len(circuits))
     return out
 
 

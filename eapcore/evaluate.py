@@ -103,10 +103,14 @@ class CircuitEvaluator:
         return self.metric(logits, p.batch, p.clean_readout).double().cpu()
 
     # ----- public -----
-    def baseline(self) -> Baseline:
+    def example_baseline(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example metric ``[n_examples]`` of the clean and of the corrupted run."""
         prepared = self._prepared()
         clean = torch.cat([self._metric(p.clean_readout, p) for p in prepared])
-        corrupted = torch.cat([self._metric(p.corrupted_readout, p) for p in prepared])
+        return clean, torch.cat([self._metric(p.corrupted_readout, p) for p in prepared])
+
+    def baseline(self) -> Baseline:
+        clean, corrupted = self.example_baseline()
         return Baseline(clean.mean().item(), corrupted.mean().item())
 
     def evaluate(self, circuit: Circuit) -> torch.Tensor:

@@ -12,11 +12,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from eapcore.cli import attribute, evaluate, graph, inspect, jobs, mib
+from eapcore.cli import attribute, compare, evaluate, graph, inspect, jobs, mib, verify
 from eapcore.cli.common import ERRORS, CommandFailed, one_line
 from eapcore.distributed import Context, PeerFailed
 
-COMMANDS = (attribute, evaluate, inspect, jobs, graph, mib)  # each module's register() adds its subcommand
+COMMANDS = (attribute, evaluate, compare, verify, inspect, jobs, graph, mib)  # each module's register() adds its subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from typing import Any
 
 from eapcore.data import PromptPairs, TokenizedPairs, tokenize
@@ -133,3 +135,37 @@ def print_estimate(args: argparse.Namespace, shape: Any, n_pairs: int, what: str
     print(f"{args.model}: {shape.architecture}, {shape.n_layers} layers x {shape.n_heads} heads x d_model {shape.d_model}, "
           f"{shape.n_params:,} parameters; {n_pairs} pairs; {what}")
     print(estimate.table())
+
+
+def one_process(args: argparse.Namespace) -> Context:
+    """The context of a command that runs in one process only: refused under torchrun."""
+    from eapcore.distributed import world_size
+
+    if world_size() > 1:
+        raise ValueError(f"{args.command} runs in one process; start it with `python -m eapcore {args.command}`, not torchrun")
+    return Context(device=args.device)
+
+
+def print_evaluation_estimate(args: argparse.Namespace, what: str) -> None:
+    """``--dry-run`` of a command whose memory is the circuit evaluator's cache."""
+    from eapcore.memory import evaluation_estimate
+
+    shape, pairs, _, batches, device, n_devices = dry_run_inputs(args)
+    est = evaluation_estimate(shape, batches, args.dtype, device, n_devices)
+    print_estimate(args, shape, len(pairs), f"{what}, {args.intervention}", est)
+
+
+def json_value(obj: Any) -> Any:
+    """``obj`` with NaN and infinite floats as ``None`` (JSON's null), through lists, tuples and dicts."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (list, tuple)):
+        return [json_value(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: json_value(v) for k, v in obj.items()}
+    return obj
+
+
+def print_json(record: dict) -> None:
+    """The command's result: one JSON object on the last line of stdout (undefined numbers as null)."""
+    print(json.dumps(json_value(record), allow_nan=False))

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from eapcore.cli.common import add_model_and_data, dry_run_inputs, load_data, print_estimate
+from eapcore.cli.common import add_model_and_data, dry_run_inputs, load_data, print_estimate, print_json
 from eapcore.distributed import Context
 
 
@@ -26,12 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "edges before pruning; the output then also gives the unedited circuit's faithfulness")
     e.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="EDGE_OR_NODE",
                    help="remove edges, or nodes with all their edges, from the selected edges before pruning")
+    e.add_argument("--per-example", action="store_true",
+                   help="add each pair's metric and faithfulness and a bootstrap 95%% interval of the faithfulness")
     e.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> None:
     if args.dry_run:
         return _dry_run(args)
+    if args.per_example and (ctx.active or args.curve):
+        raise ValueError("--per-example evaluates one circuit in one process; use it without --curve and without torchrun")
     from eapcore.distributed import check_size, collective, reduce_means, shard
     from eapcore.edits import Edits, apply_edits
     from eapcore.evaluate import CircuitEvaluator, normalized
@@ -60,9 +64,12 @@ def run(args: argparse.Namespace, ctx: Context) -> None:
         circuits["unedited"] = edited.unedited
     check_size(len(data), ctx)
     part = shard(data, ctx.rank, ctx.world) if ctx.active else data
+    pairs: dict = {}
 
     def local() -> dict[str, float]:
         evaluator = CircuitEvaluator(model, part, metric, args.batch_size, args.intervention, reference=data)
+        if args.per_example:
+            pairs.update(_per_example(evaluator, circuit))
         base = evaluator.baseline()
         values = {key: evaluator.evaluate(c).mean().item() for key, c in circuits.items()}
         return {**values, "clean": base.clean, "corrupted": base.corrupted, "empty": evaluator.empty_metric()}
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace, ctx: Context) -> None:
         result["unedited"] = {"n_edges": edited.unedited.n_edges, "n_nodes": edited.unedited.n_nodes,
                               "metric": means["unedited"],
                               "faithfulness": normalized(means["unedited"], means["clean"], means["empty"])}
-    print(json.dumps(result))
+    print_json({**result, **pairs})
 
 
 def _curve(args: argparse.Namespace, ctx: Context, model: Any, data: Any, metric: str, scores: Any) -> None:
@@ -115,6 +122,19 @@ def _curve(args: argparse.Namespace, ctx: Context, model: Any, data: Any, metric
           f"CPR {public['CPR']:.4f}, CMD {public['CMD']:.4f}")
     print(json.dumps({"n_examples": len(data), "intervention": args.intervention, "clean_metric": means["clean"],
                       "empty_metric": means["empty"], **report}))
+
+
+def _per_example(evaluator: Any, circuit: Any) -> dict[str, Any]:
+    from eapcore.per_example import per_example
+
+    found = per_example(evaluator, circuit)
+    rows = zip(found.metric.tolist(), found.clean.tolist(), found.corrupted.tolist(), found.empty.tolist(),
+               found.pair_faithfulness.tolist())
+    return {
+        "per_example": [{"pair": i, "metric": m, "clean": c, "corrupted": k, "empty": e, "faithfulness": f}
+                        for i, (m, c, k, e, f) in enumerate(rows)],
+        "faithfulness_ci": list(found.interval),
+    }
 
 
 def _dry_run(args: argparse.Namespace) -> None:

@@ -1,0 +1,67 @@
+"""Ground truth for circuit metrics, patched by hand with plain forward hooks from node names (no eapcore
+evaluator, sites or interventions): every edge outside ``keep`` carries ``ablated[u]`` instead of u's actual
+output in the same run. ``ablated`` is built here for each intervention: the corrupted run's outputs, zeros,
+or means over the clean prompts' real positions (per position for mean-positional)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from eapcore.data import Batch
+from eapcore.metrics import get_metric, readout
+from eapcore.models import model_dtype
+
+from test_families import _add_at, _destination_site, _source_outputs, _source_site
+
+
+def ablation(model, graph, data, intervention: str) -> Callable[[Batch], dict[str, torch.Tensor]]:
+    """batch -> what each source carries when ablated on it (``[batch pos d_model]`` by node name); the
+    means are taken over all of ``data``."""
+    if intervention == "patching":
+        return lambda batch: _source_outputs(model, graph, batch.corrupted)
+    d, dtype = graph.cfg.d_model, model_dtype(model)
+    if intervention == "zero":
+        return lambda batch: {u: torch.zeros(*batch.clean.shape, d, dtype=dtype) for u in graph.src_nodes}
+    (everything,) = data.batches(len(data))
+    outs = _source_outputs(model, graph, everything.clean)
+    real = (torch.arange(everything.n_pos)[None, :] < everything.lengths[:, None]).to(dtype)  # [n pos]
+    if intervention == "mean":
+        means = {u: torch.einsum("npd,np->d", t, real) / real.sum() for u, t in outs.items()}
+        return lambda batch: {u: m.expand(*batch.clean.shape, d) for u, m in means.items()}
+    assert intervention == "mean-positional" and bool((everything.lengths == everything.lengths[0]).all())
+    means = {u: t.mean(0) for u, t in outs.items()}  # [pos d_model]
+    return lambda batch: {u: m[: batch.n_pos].expand(*batch.clean.shape, d) for u, m in means.items()}
+
+
+def patched_metric(model, graph, batch, keep: torch.Tensor, ablated: dict[str, torch.Tensor],
+                   metric: str = "logit_diff") -> torch.Tensor:
+    """Per-example metric ``[batch]`` of the clean run with every edge outside ``keep`` carrying ``ablated``."""
+    actual: dict[str, torch.Tensor] = {}
+    hooks = []
+    for u in graph.src_nodes:
+        site, head = _source_site(u)
+
+        def record(t, hook, u=u, head=head):
+            actual[u] = t if head is None else t[:, :, head]
+        hooks.append((site, record))
+    for col, v in enumerate(graph.dst_nodes):
+        removed = [graph.src_nodes[r] for r in range(graph.n_forward) if graph.real_edge_mask[r, col] and not keep[r, col]]
+        if removed:
+            site, head = _destination_site(v, graph.cfg.n_layers)
+
+            def patch(t, hook, removed=removed, head=head):
+                return _add_at(head, sum(ablated[u] - actual[u] for u in removed))(t, hook)
+            hooks.append((site, patch))
+    with torch.no_grad():
+        clean = readout(model(batch.clean), batch.lengths)
+        logits = readout(model.run_with_hooks(batch.clean, fwd_hooks=hooks), batch.lengths)
+    return get_metric(metric)(logits, batch, clean).double()
+
+
+def hand_metrics(model, graph, data, keep: torch.Tensor, intervention: str = "patching",
+                 metric: str = "logit_diff") -> torch.Tensor:
+    """``[n_examples]``: :func:`patched_metric` over all of ``data``, one pair at a time."""
+    ablated = ablation(model, graph, data, intervention)
+    return torch.cat([patched_metric(model, graph, b, keep, ablated(b), metric) for b in data.batches(1)])
