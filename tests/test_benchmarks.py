@@ -15,6 +15,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_attribution  # noqa: E402
 import bench_evaluate  # noqa: E402
+import bench_trust  # noqa: E402
 import common  # noqa: E402
 
 
@@ -98,6 +99,19 @@ def test_bench_inspect_prints_latencies(capsys: pytest.CaptureFixture[str]) -> N
     assert last_json(capsys) == json.loads(json.dumps(record))
     assert all(record[k] > 0 for k in ("inspect_new_pair_ms", "inspect_mlp_ms", "edit_ms", "move_ms", "session_ms"))
     assert record["guess_s"] > 0 and record["measured_estimate_s"] > 0
+
+
+def test_bench_trust_prints_ratios(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    record = bench_trust.main([
+        "--model", str(tiny_dir), "--data", "random", "--n", "4", "--length", "5", "--batch-size", "2",
+        "--runs", "EAP,clean-corrupted,random", "--top-k", "3", "--repeats", "1", "--warmup", "0",
+        "--verify-repeats", "1", "--device", "cpu",
+    ])
+    line = last_json(capsys)
+    assert line == json.loads(json.dumps(record))
+    assert line["top_k"] == 3 and line["runs"] == ["EAP", "clean-corrupted", "random"]
+    assert all(line[k] > 0 for k in ("verify_s", "compare_ms", "curve_ms", "curves_ms", "per_example_ms", "move_ms"))
+    assert line["compare_over_curve"] == pytest.approx(line["compare_ms"] / line["curve_ms"], rel=1e-2)
 
 
 def test_random_scores_cover_every_real_edge(tiny32) -> None:
