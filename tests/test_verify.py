@@ -161,7 +161,7 @@ def test_complement_of_a_given_circuit(tiny64, tiny_data):
     assert verify(evaluator, scores, 2, circuit=Circuit.empty(graph)).complement_faithfulness == pytest.approx(1.0)
 
 
-def test_verify_cli(tiny_dir, tiny64, tiny_data, tmp_path, capsys):
+def test_verify_cli(tiny_dir, tiny64, tiny_data, tmp_path, capsys, monkeypatch):
     from test_cli import CSV
 
     csv = tmp_path / "pairs.csv"
@@ -186,3 +186,6 @@ def test_verify_cli(tiny_dir, tiny64, tiny_data, tmp_path, capsys):
     assert out["k"] == graph.n_edges and "9999" in out["note"] and "note: top-k 9999" in captured.err
     assert main(["verify", "--model", str(tiny_dir), "--data", str(csv), "--circuit", str(run), "--top-k", "0"]) == 2
     assert "top-k must be a positive integer" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: refused before anything starts
+    assert main(["verify", "--model", str(tiny_dir), "--data", str(csv), "--circuit", str(run), "--top-k", "4"]) == 2
+    assert "verify runs in one process" in capsys.readouterr().err
