@@ -1,9 +1,11 @@
-"""Attribution: one public entry point, one private function per method (design §4).
+"""Attribution: one public entry point, :func:`attribute`, and one runner per kind of method.
 
-Score of edge (u, v) = Σ_{batch, pos, d_model} Δ_u · g_v, averaged over examples, where
-Δ_u = ablated_u − clean_u (ablated = corrupted for patching; zero or a mean otherwise) and g_v is the
-gradient of the loss (the metric signed so that lower is better) at the input of v. Positive means
-ablating the edge hurts the task. Node/neuron level takes g at u's own output instead.
+The method table (:mod:`eapcore.methods`) says how each method runs (its ``runner``); the backend that
+runs it is chosen once per call (:func:`eapcore.backends.attribution_backend`) and recorded in the
+provenance. Score of edge (u, v) = Σ_{batch, pos, d_model} Δ_u · g_v, averaged over examples, where
+Δ_u = ``delta`` = ablated_u − clean_u (ablated = corrupted for patching; zero or a mean otherwise) and
+g_v is the gradient of the loss (the metric signed so that lower is better) at the input of v. Positive
+means ablating the edge hurts the task. Node/neuron level takes g at u's own output instead.
 """
 
 from __future__ import annotations
@@ -13,18 +15,19 @@ from typing import Any, Callable
 
 import torch
 
+from eapcore import fastgrad
+from eapcore.backends import attribution_backend, check_backend
 from eapcore.circuit import Scores
 from eapcore.data import Batch, TokenizedPairs
-from eapcore import fastgrad
+from eapcore.families import architecture
 from eapcore.gradients import Accumulator, Delta, activation_interpolation, input_interpolation
 from eapcore.graph import Graph
-from eapcore.interventions import (
-    INTERVENTIONS, Intervention, make_intervention, recorders, row_windows, source_outputs,
-)
+from eapcore.interventions import INTERVENTIONS, Intervention, make_intervention
 from eapcore.memory import out_of_memory
 from eapcore.methods import LEVELS, METHODS, get_method
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_dtype, model_graph, model_lock
+from eapcore.recording import record_sources, row_windows, source_outputs
 from eapcore.sites import destinations, per_column
 
 Progress = Callable[[int, int], None]
@@ -36,7 +39,8 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True)
 class AttributionSpec:
-    """How to attribute; also the cache key and the provenance written into exports."""
+    """How to attribute; also the cache key and the provenance written into exports. ``backend``: ``auto``,
+    ``unsplit`` or ``split`` (:mod:`eapcore.backends`); every backend gives the same scores."""
 
     method: str = "EAP-IG-inputs"
     ig_steps: int = 5
@@ -45,6 +49,7 @@ class AttributionSpec:
     batch_size: int = 32
     level: str = "edge"
     chunks: int = 1  # split the Δ buffer into this many windows of source rows (same scores, less memory)
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -67,6 +72,7 @@ class AttributionSpec:
             raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {self.batch_size!r}; try 32")
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise ValueError(f"chunks (--chunks) must be a positive integer, got {self.chunks!r}; 1 keeps the whole Δ buffer")
+        check_backend(method, self.level, self.backend)
 
     def alphas(self) -> list[float]:
         """Where input-interpolation methods take gradients, as the weight of the clean embeddings."""
@@ -74,14 +80,8 @@ class AttributionSpec:
 
     def passes_per_batch(self, graph: Graph) -> int:
         """Forward (or forward/backward) passes per batch, for progress and time estimates."""
-        windows = len(row_windows(graph, self.chunks))
-        if self.method == "EAP-IG-activations":
-            return 2 * windows + (2 * graph.cfg.n_layers + 1) * self.ig_steps
-        if self.method == "information-flow-routes":
-            return 1
-        if self.method == "exact":
-            return graph.n_edges if self.level == "edge" else graph.n_forward
-        return windows * (2 + len(self.alphas()))
+        return get_method(self.method).passes_per_batch(graph, len(row_windows(graph, self.chunks)), self.ig_steps,
+                                                        self.level)
 
 
 def attribute(
@@ -96,12 +96,14 @@ def attribute(
     dataset the mean interventions average over (default: ``data``)."""
     metric = get_metric(metric if metric is not None else spec.metric)
     graph = model_graph(model)
+    backend = attribution_backend(spec.method, spec.level, architecture(model), spec.backend, model,
+                                  int(data.data.lengths.max()))
     with model_lock(model):
         try:
-            if spec.method == "exact":
+            if get_method(spec.method).runner == "removal":
                 result = _exact(model, graph, data, spec, metric, progress, reference)
             else:
-                result = _by_batches(model, graph, data, spec, metric, progress, reference)
+                result = _by_batches(model, graph, data, spec, metric, progress, reference, backend)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not out_of_memory(e):
                 raise
@@ -115,6 +117,7 @@ def attribute(
         result = tuple(None if t is None else t.float() for t in result)
     provenance = {
         **asdict(spec),
+        "backend": backend,
         "metric": metric.name,
         "model": str(getattr(model.cfg, "model_name", "")),
         "data": data.fingerprint,
@@ -137,7 +140,7 @@ def _counter(total: int, progress: Progress | None) -> Callable[..., None]:
 
 def _by_batches(
     model: Any, graph: Graph, data: TokenizedPairs, spec: AttributionSpec, metric: Metric,
-    progress: Progress | None, reference: TokenizedPairs | None,
+    progress: Progress | None, reference: TokenizedPairs | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     device, dtype = model_device(model), model_dtype(model)
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -149,14 +152,13 @@ def _by_batches(
     intervention = make_intervention(spec.intervention, model, graph, reference or data, spec.batch_size)
     batches = list(data.batches(spec.batch_size, device))
     tick = _counter(len(batches) * spec.passes_per_batch(graph), progress)
-    fast = spec.method != "EAP-IG-activations" and spec.level == "edge" and fastgrad.supports(model)
     for index, batch in enumerate(batches):
         where = f"batch {index + 1} of {len(batches)}"
-        if spec.method == "information-flow-routes":
+        if get_method(spec.method).runner == "information-flow":
             _information_flow(model, graph, batch, acc)
             tick()
         else:
-            _gradient_batch(model, graph, batch, spec, metric, intervention, acc, tick, where, fast)
+            _gradient_batch(model, graph, batch, spec, metric, intervention, acc, tick, where, backend)
     n = len(data)
     if spec.level == "edge":
         edges = torch.where(graph.real_edge_mask.to(device), acc.edges / n, torch.zeros((), dtype=acc_dtype, device=device))
@@ -168,24 +170,24 @@ def _by_batches(
 
 def _gradient_batch(
     model: Any, graph: Graph, batch: Batch, spec: AttributionSpec, metric: Metric, intervention: Intervention,
-    acc: Accumulator, tick: Callable[..., None], where: str, fast: bool,
+    acc: Accumulator, tick: Callable[..., None], where: str, backend: str,
 ) -> None:
-    """Per window of source rows (one window, all rows, unless ``spec.chunks`` > 1): the fast path
-    (:mod:`eapcore.fastgrad`) if ``fast``; otherwise Δ = ablated − clean from two forward passes, then
-    the method's gradient passes."""
+    """Per window of source rows (one window, all rows, unless ``spec.chunks`` > 1): the unsplit backend
+    (:mod:`eapcore.fastgrad`) records Δ in its own passes; the split one takes Δ = ablated − clean from
+    two forward passes, then runs the method's gradient passes (:mod:`eapcore.gradients`)."""
     for window in row_windows(graph, spec.chunks):
-        if fast:
+        if backend == "unsplit":
             fastgrad.input_interpolation(model, batch, metric, intervention, window, spec.alphas(), acc, tick, where)
             continue
         values = intervention.ablated(model, graph, batch, window)
         tick()
         with torch.no_grad():
-            clean_logits = model.run_with_hooks(batch.clean, fwd_hooks=recorders(graph, values, -1.0, window))
+            clean_logits = model.run_with_hooks(batch.clean, fwd_hooks=record_sources(graph, values, window, sign=-1))
         clean_readout = readout(clean_logits, batch.lengths) if metric.needs_clean_logits else None
         del clean_logits
         tick()
         delta = Delta(window.start, values)
-        if spec.method == "EAP-IG-activations":
+        if get_method(spec.method).runner == "activation-interpolation":
             activation_interpolation(model, batch, metric, delta, clean_readout, spec.ig_steps, acc, tick, where)
         else:
             input_interpolation(model, batch, metric, delta, clean_readout, spec.alphas(), acc, tick, where)
@@ -200,11 +202,12 @@ def _information_flow(model: Any, graph: Graph, batch: Batch, acc: Accumulator) 
 
     def score(t: torch.Tensor, hook: Any, d: Any) -> None:
         h = per_column(t)
+        n = d.n_sources
         for c in range(h.shape[2]):
             hc = h[:, :, c]
-            prox = (hc.abs().sum(-1) - (hc[None] - outs[: d.prev]).abs().sum(-1)).clamp_min(0)  # [prev batch pos]
+            prox = (hc.abs().sum(-1) - (hc[None] - outs[:n]).abs().sum(-1)).clamp_min(0)  # [n batch pos]
             prox = prox / prox.sum(0, keepdim=True).clamp_min(torch.finfo(prox.dtype).tiny)
-            acc.edges[: d.prev, d.cols.start + c] += (prox * weights).sum((1, 2)).to(acc.edges.dtype)
+            acc.edges[:n, d.cols.start + c] += (prox * weights).sum((1, 2)).to(acc.edges.dtype)
 
     with torch.no_grad():
         model.run_with_hooks(batch.clean, fwd_hooks=[(d.hook, lambda t, hook, d=d: score(t, hook, d)) for d in destinations(graph)])

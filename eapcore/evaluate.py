@@ -1,8 +1,11 @@
-"""Circuit evaluation in one forward pass per batch, and faithfulness (the curve over sizes: eapcore.curve).
+"""Circuit evaluation and faithfulness (the curve over sizes: eapcore.curve).
 
-During the clean run every destination input gets Σ_{u not in circuit} (a_u^corrupted − a_u^actual),
-where a_u^actual is u's output in this same intervened run: each destination then sees its in-circuit
-parents' actual outputs and its out-of-circuit parents' corrupted ones (design §5).
+:class:`CircuitEvaluator` caches what ablated sources carry, then evaluates each circuit with one of two
+engines (:mod:`eapcore.backends`): ``sparse`` (:mod:`eapcore.sparse`, only the nodes the circuit reads)
+or ``hooked``, one forward pass per batch of the clean prompt in which every destination input gets
+Σ_{u not in circuit} ``patch``_u, with ``patch`` = ablated − actual (actual: u's output in this same
+intervened run): each destination then sees its in-circuit parents' actual outputs and its
+out-of-circuit parents' ablated ones.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from eapcore.circuit import Circuit, Scores
-from eapcore.data import Batch, TokenizedPairs
 from eapcore import sparse
+from eapcore.backends import evaluation_engine
+from eapcore.circuit import Circuit
+from eapcore.data import Batch, TokenizedPairs
+from eapcore.families import architecture
+from eapcore.interventions import Intervention, make_intervention
 from eapcore.memory import out_of_memory
-from eapcore.interventions import make_intervention, new_buffer, recorders, source_outputs
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_graph, model_lock
-from eapcore.sites import destinations, from_per_column, source_major, sources
+from eapcore.recording import Hook, new_buffer, record, record_sources, source_outputs
+from eapcore.sites import destinations, from_per_column, sources
 from eapcore.sparse import SparseCircuitRunner
 
 
@@ -30,7 +36,7 @@ class _Prepared:
     ablated: torch.Tensor  # [n_forward batch pos d_model]: what each source carries when ablated
     clean_readout: torch.Tensor  # [batch d_vocab]
     corrupted_readout: torch.Tensor
-    runner: SparseCircuitRunner | None  # evaluates edge circuits node by node, where the model allows
+    runner: SparseCircuitRunner | None  # the sparse engine's, which evaluates edge circuits node by node
 
 
 @dataclass(frozen=True)
@@ -44,14 +50,17 @@ class Baseline:
 class CircuitEvaluator:
     """Evaluates circuits of ``model`` on ``data`` under an intervention (``patching``, ``zero``, ``mean``,
     ``mean-positional``; means over ``reference``, default ``data``). What ablated sources carry is
-    computed once, on first use."""
+    computed once, on first use. ``engine``: ``auto``, ``sparse`` or ``hooked``
+    (:func:`eapcore.backends.evaluation_engine`); :attr:`engine` is the one that runs. Circuits with neuron
+    masks always take the hooked pass."""
 
     def __init__(
         self, model: Any, data: TokenizedPairs, metric: str | Metric | MetricFn = "logit_diff", batch_size: int = 64,
-        intervention: str = "patching", reference: TokenizedPairs | None = None,
+        intervention: str = "patching", reference: TokenizedPairs | None = None, engine: str = "auto",
     ) -> None:
         self.model, self.data, self.metric = model, data, get_metric(metric)
         self.graph = model_graph(model)
+        self.engine = evaluation_engine(architecture(model), engine, model, int(data.data.lengths.max()))
         self.batch_size = batch_size
         self.intervention_kind = intervention
         self.reference = reference
@@ -84,14 +93,14 @@ class CircuitEvaluator:
                 "half precision (--dtype bfloat16); --dry-run estimates the memory"
             ) from e
 
-    def _prepare(self, batch: Batch, intervention: Any) -> _Prepared:
+    def _prepare(self, batch: Batch, intervention: Intervention) -> _Prepared:
         corrupted, corrupted_logits = source_outputs(self.model, self.graph, batch, batch.corrupted)
-        ablated = corrupted if intervention.kind == "patching" else intervention.ablated(self.model, self.graph, batch)
+        ablated = corrupted if intervention.corrupted_run else intervention.ablated(self.model, self.graph, batch)
         runner = None
-        if sparse.supports(self.model, batch.n_pos):
-            inputs: list = []
+        if self.engine == "sparse":
             clean = new_buffer(self.model, self.graph, batch)
-            hooks = recorders(self.graph, clean) + sparse.input_recorders(self.graph, inputs)
+            inputs = torch.empty(2 * self.graph.cfg.n_layers + 1, *clean.shape[1:], dtype=clean.dtype, device=clean.device)
+            hooks = record_sources(self.graph, clean) + sparse.input_recorders(self.graph, inputs)
             clean_logits = self.model.run_with_hooks(batch.clean, fwd_hooks=hooks)
             runner = SparseCircuitRunner(self.model, self.graph, ablated, clean, inputs, batch.lengths)
         else:
@@ -113,8 +122,19 @@ class CircuitEvaluator:
         clean, corrupted = self.example_baseline()
         return Baseline(clean.mean().item(), corrupted.mean().item())
 
-    def evaluate(self, circuit: Circuit) -> torch.Tensor:
-        """Per-example metric ``[n_examples]`` of ``circuit``: out-of-circuit edges carry corrupted outputs."""
+    def evaluate(self, circuit: Circuit, reuse_clean: bool = True) -> torch.Tensor:
+        """Per-example metric ``[n_examples]`` of ``circuit``: out-of-circuit edges carry ablated outputs.
+        ``reuse_clean``: the full graph's metric is the cached clean run's; False runs it through the engine
+        like any other circuit."""
+        return torch.cat(self._per_batch(circuit, reuse_clean, lambda p, logits: self._metric(logits, p)))
+
+    def logits(self, circuit: Circuit, reuse_clean: bool = True) -> torch.Tensor:
+        """Read-out logits ``[n_examples d_vocab]`` (each example's last real token) of ``circuit``."""
+        return torch.cat(self._per_batch(circuit, reuse_clean, lambda p, logits: logits))
+
+    def _per_batch(self, circuit: Circuit, reuse_clean: bool,
+                   use: Callable[[_Prepared, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """``use(batch, read-out logits)`` for every batch, each batch's logits freed before the next."""
         if circuit.graph.cfg != self.graph.cfg:
             raise ValueError(f"circuit graph {circuit.graph.cfg} does not match the model's graph {self.graph.cfg}")
         prepared = self._prepared()
@@ -125,51 +145,40 @@ class CircuitEvaluator:
         partial = None
         if circuit.neurons is not None:  # in-circuit edges still ablate their parent's excluded dimensions
             partial = (kept.to(like), (~circuit.neurons.cpu()).to(like))
-        if partial is None and not bool(patch_mask.any()):  # the full graph: the clean run, cached
-            return torch.cat([self._metric(p.clean_readout, p) for p in prepared])
+        if reuse_clean and partial is None and not bool(patch_mask.any()):  # the full graph: the clean run, cached
+            return [use(p, p.clean_readout) for p in prepared]
         values = []
         with self._memory_advice(), model_lock(self.model), torch.inference_mode():
             for p in prepared:
                 if p.runner is not None and partial is None:
-                    values.append(self._metric(p.runner.readout(kept), p))
+                    values.append(use(p, p.runner.readout(kept)))
                     continue
                 logits = self.model.run_with_hooks(p.batch.clean, fwd_hooks=self._hooks(p.ablated, patch_mask, partial))
-                values.append(self._metric(readout(logits, p.batch.lengths), p))
-        return torch.cat(values)
+                values.append(use(p, readout(logits, p.batch.lengths)))
+        return values
 
-    def _hooks(self, ablated: torch.Tensor, patch_mask: torch.Tensor, partial: tuple | None) -> list:
+    def _hooks(self, ablated: torch.Tensor, patch_mask: torch.Tensor, partial: tuple | None) -> list[Hook]:
         """Forward hooks that patch every out-of-circuit edge (and excluded neurons of in-circuit ones);
         none where nothing is patched."""
-        diff = ablated.clone()  # becomes a_ablated - a_actual as sources fire
-        hooks = []
+        patch = ablated.clone()  # becomes ablated − actual as sources fire
         used_rows = patch_mask.any(1).nonzero().flatten().tolist()
-        n_used = max(used_rows) + 1 if used_rows else 0
-        if partial is not None:
-            n_used = self.graph.n_forward
-
-        def subtract(rows: slice) -> Callable:
-            def hook(t: torch.Tensor, hook: Any) -> None:
-                diff[rows] -= source_major(t).to(diff.device)
-            return hook
-
-        for s in sources(self.graph):
-            if s.rows.start < n_used:
-                hooks.append((s.hook, subtract(s.rows)))
+        n_used = self.graph.n_forward if partial is not None else max(used_rows) + 1 if used_rows else 0
+        hooks = [record(s.hook, patch, s.rows, sign=-1) for s in sources(self.graph) if s.rows.start < n_used]
         for d in destinations(self.graph):
-            block = patch_mask[: d.prev, d.cols]
-            kept = None if partial is None else partial[0][: d.prev, d.cols]
+            n = d.n_sources
+            block = patch_mask[:n, d.cols]
+            kept = None if partial is None else partial[0][:n, d.cols]
             if kept is None and not bool(block.any()):
                 continue
 
-            def patch(t: torch.Tensor, hook: Any, prev: int = d.prev, block=block, kept=kept) -> torch.Tensor:
-                flat = block.T @ diff[:prev].reshape(prev, -1)  # [cols, batch*pos*d_model]
+            def add(t: torch.Tensor, hook: Any, n: int = n, block=block, kept=kept) -> torch.Tensor:
+                flat = block.T @ patch[:n].reshape(n, -1)  # [cols, batch*pos*d_model]
                 if kept is not None:
-                    dropped = diff[:prev] * partial[1][:prev, None, None, :]
-                    flat = flat + kept.T @ dropped.reshape(prev, -1)
-                add = flat.reshape(block.shape[1], *diff.shape[1:]).permute(1, 2, 0, 3)
-                return t + from_per_column(add, t).to(t.device)
+                    dropped = patch[:n] * partial[1][:n, None, None, :]
+                    flat = flat + kept.T @ dropped.reshape(n, -1)
+                return t + from_per_column(flat.reshape(block.shape[1], *patch.shape[1:]).permute(1, 2, 0, 3), t).to(t.device)
 
-            hooks.append((d.hook, patch))
+            hooks.append((d.hook, add))
         return hooks
 
     def empty_metric(self) -> float:

@@ -1,4 +1,4 @@
-"""Gradient passes shared by the gradient-based methods.
+"""The split attribution backend: gradient passes shared by the gradient-based methods.
 
 Each pass runs the clean prompt with one part of the model interpolated between its ablated and its
 clean value, backpropagates the loss, and turns every gradient it needs into scores with one matrix
@@ -16,12 +16,13 @@ import torch
 from eapcore.data import Batch
 from eapcore.graph import Graph
 from eapcore.metrics import Metric, readout
+from eapcore.recording import token_embeddings
 from eapcore.sites import Destination, Source, destinations, per_column, source_major, sources
 
 
 @dataclass(frozen=True)
 class Delta:
-    """Δ = ablated − clean source outputs for the source rows ``[start, start + len(values))``;
+    """Δ = ``delta`` = ablated − clean source outputs for the source rows ``[start, start + len(values))``;
     ``values``: ``[rows batch pos d_model]``."""
 
     start: int
@@ -51,7 +52,7 @@ class Accumulator:
     def add_edges(self, dst: Destination, rows: slice, delta: Delta, grad: torch.Tensor, weight: float) -> None:
         """scores[rows, dst.cols] += Σ_{batch,pos,d} Δ[rows] · grad, for the rows ``dst`` reads and
         ``delta`` holds."""
-        rows = delta.clip(slice(rows.start, min(rows.stop, dst.prev)))
+        rows = delta.clip(slice(rows.start, min(rows.stop, dst.n_sources)))
         n = rows.stop - rows.start
         if n <= 0:
             return
@@ -93,7 +94,7 @@ def gradient_pass(
     hooks = [interpolate]
     if on_destination is not None:  # only destinations that read a source of the window
         for d in destinations(graph):
-            if d.prev > window.start:
+            if d.n_sources > window.start:
                 hooks.append((d.hook, lambda t, hook, d=d: on_grad(t, lambda g: on_destination(d, g))))
     if on_source is not None:
         for s in sources(graph):
@@ -123,25 +124,13 @@ def hooked_backward(
     return this.detach()
 
 
-def token_embeddings(model: Any, tokens: torch.Tensor) -> torch.Tensor:
-    """The ``input`` node's output (``hook_embed``, after any embedding multiplier) ``[batch pos d_model]``."""
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(t: torch.Tensor, hook: Any) -> None:
-        store["embed"] = t.detach().clone()
-
-    with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", keep)], stop_at_layer=0)
-    return store["embed"]
-
-
 def input_interpolation(
     model: Any, batch: Batch, metric: Metric, delta: Delta, clean_readout: torch.Tensor | None,
     alphas: list[float], acc: Accumulator, tick: Callable[[], None], where: str,
 ) -> None:
     """Gradients at token embeddings e_corr + α (e_clean − e_corr), averaged over ``alphas``."""
-    corrupted_embed = token_embeddings(model, batch.corrupted)
-    embed_diff = token_embeddings(model, batch.clean) - corrupted_embed
+    corrupted_embed = token_embeddings(model, acc.graph, batch, batch.corrupted)
+    embed_diff = token_embeddings(model, acc.graph, batch, batch.clean) - corrupted_embed
     weight = 1.0 / len(alphas)
     window = slice(delta.start, delta.stop)
     for step, alpha in enumerate(alphas):

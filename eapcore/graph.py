@@ -130,24 +130,24 @@ class Graph:
     def logits_column(self) -> int:
         return self.n_backward - 1
 
-    def attn_prev(self, layer: int) -> int:
+    def n_attn_sources(self, layer: int) -> int:
         """How many sources (a prefix of the rows) a head at ``layer`` reads."""
         return 1 + layer * (self.cfg.n_heads + 1)
 
-    def mlp_prev(self, layer: int) -> int:
+    def n_mlp_sources(self, layer: int) -> int:
         """How many sources the MLP at ``layer`` reads (its own layer's heads unless parallel)."""
-        return self.attn_prev(layer) + (0 if self.cfg.parallel_attn_mlp else self.cfg.n_heads)
+        return self.n_attn_sources(layer) + (0 if self.cfg.parallel_attn_mlp else self.cfg.n_heads)
 
     @cached_property
-    def prev_index(self) -> torch.Tensor:
-        """``[n_backward]`` long: number of source rows each destination reads."""
-        prev = torch.empty(self.n_backward, dtype=torch.long)
+    def n_sources(self) -> torch.Tensor:
+        """``[n_backward]`` long: how many sources (a prefix of the rows) each destination reads."""
+        n = torch.empty(self.n_backward, dtype=torch.long)
         for layer in range(self.cfg.n_layers):
             start = self.qkv_column(layer, "q")
-            prev[start : start + 3 * self.cfg.n_heads] = self.attn_prev(layer)
-            prev[self.mlp_column(layer)] = self.mlp_prev(layer)
-        prev[self.logits_column] = self.n_forward
-        return prev
+            n[start : start + 3 * self.cfg.n_heads] = self.n_attn_sources(layer)
+            n[self.mlp_column(layer)] = self.n_mlp_sources(layer)
+        n[self.logits_column] = self.n_forward
+        return n
 
     # ----- names -----
     @cached_property
@@ -206,7 +206,7 @@ class Graph:
     def real_edge_mask(self) -> torch.Tensor:
         """``[n_forward, n_backward]`` bool: which cells are edges."""
         rows = torch.arange(self.n_forward).unsqueeze(1)
-        return rows < self.prev_index.unsqueeze(0)
+        return rows < self.n_sources.unsqueeze(0)
 
     @cached_property
     def forward_to_backward(self) -> torch.Tensor:

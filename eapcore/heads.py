@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from eapcore import families
 from eapcore.graph import QKV
 
 
@@ -16,7 +17,7 @@ class HeadWeights:
 
     w: dict[str, torch.Tensor]  # q, k, v: [head d_model d_head]
     b: dict[str, torch.Tensor]  # q, k, v: [head d_head] (zeros where there is no bias)
-    w_o: torch.Tensor  # [head d_head d_model]; includes any multiplier the bridge folds into hook_result
+    w_o: torch.Tensor  # [head d_head d_model]; includes the family's output scale, which the bridge folds into hook_result
 
     def results(self, z: torch.Tensor) -> torch.Tensor:
         """Per-head results ``[head batch pos d_model]`` from z ``[batch pos head d_head]`` (or flattened heads)."""
@@ -39,7 +40,8 @@ def head_weights(model: Any, layer: int) -> HeadWeights | None:
     o = getattr(getattr(attn, "o", None), "original_component", None)
     if o is None or o.weight.numel() != H * dh * model.cfg.d_model:
         return None
-    # GPT-2's Conv1D holds [in out], a Linear [out in]; Granite's bridge scales results by its residual multiplier
-    scale = float(getattr(model.original_model.config, "residual_multiplier", 1.0) or 1.0)
+    # GPT-2's Conv1D holds [in out], a Linear [out in]; the bridge scales results by the family's output scale
+    family = families.of(model)
+    scale = float(getattr(model.original_model.config, family.output_scale)) if family and family.output_scale else 1.0
     w_o = (o.weight.detach().T if isinstance(o, torch.nn.Linear) else o.weight.detach()).reshape(H, dh, -1)
     return HeadWeights(w, b, w_o * scale if scale != 1.0 else w_o)

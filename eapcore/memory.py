@@ -5,7 +5,7 @@ most tokens (``B`` prompts padded to ``P`` positions), a model of ``L`` layers, 
 (``d_model``), MLP width ``d_mlp`` and vocabulary ``V``, with ``F = 1 + L(H+1)`` graph sources:
 
 ==================================  =================================================================
-activation-difference buffer Δ      ``B·P·F·d``: every source's (ablated − clean) output (design §4)
+activation-difference buffer Δ      ``B·P·F·d``: every source's ``delta`` (ablated − clean) output
 activations kept for backward       ``B·P·[L·(3H·d + 4·d_mlp + 5·d) + 2·d] + B·L·H·P²``
 logits gradient / backward peak     ``B·P·max(2·V, 4H·d − 4·d_mlp − V)``
 score accumulators                  ``F·n_backward (+ F·d)`` in float32 (float64 for float64 models)
@@ -32,8 +32,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from eapcore.fastgrad import SPLIT_ONLY
-from eapcore.sparse import ARCHITECTURES as SPARSE_ARCHITECTURES
+from eapcore.backends import attribution_backend, evaluation_engine
+from eapcore.graph import Graph, GraphConfig
+from eapcore.methods import get_method
+from eapcore.recording import row_windows
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 MiB = 2**20
@@ -48,7 +50,7 @@ KEPT_PER_HEAD = 3  # q/k/v input copies per head, per layer (× d_model)
 KEPT_PER_MLP = 4  # gelu_new MLP tensors (× d_mlp)
 KEPT_PER_LAYER = 5  # LayerNorm input, q, k, v, kᵀ (× d_model)
 BACKWARD_PER_HEAD = 4  # the last layer's per-head input gradients and their LayerNorm backward (× d_model)
-# Unsplit gradient passes (eapcore.fastgrad: EAP, EAP-IG-inputs, clean-corrupted at edge level): per layer,
+# Unsplit gradient passes (the unsplit backend, eapcore.fastgrad): per layer,
 # norm inputs/outputs, q, k, v, z, MLP input copies and residual sums, plus the head-space sums (× d_model),
 # and per gradient step after the first the kept x̂ and its share of the final contraction.
 KEPT_PER_LAYER_UNSPLIT = 13
@@ -78,12 +80,13 @@ class ModelShape:
     architecture: str = ""
 
     @property
-    def n_forward(self) -> int:
-        return 1 + self.n_layers * (self.n_heads + 1)
+    def graph(self) -> Graph:
+        """The graph of a model of this shape (without parallel attention/MLP: the sizes are the same)."""
+        return Graph(GraphConfig(self.n_layers, self.n_heads, False, self.d_model))
 
     @property
-    def n_backward(self) -> int:
-        return self.n_layers * (3 * self.n_heads + 1) + 1
+    def n_forward(self) -> int:
+        return self.graph.n_forward
 
 
 def _config_value(cfg: Any, *names: str, default: Any = None) -> Any:
@@ -235,10 +238,7 @@ def _window_rows(shape: ModelShape, chunks: int) -> int:
     """Source rows in the largest window that ``AttributionSpec.chunks`` makes."""
     if chunks == 1:
         return shape.n_forward
-    from eapcore.graph import Graph, GraphConfig
-    from eapcore.interventions import row_windows
-
-    windows = row_windows(Graph(GraphConfig(shape.n_layers, shape.n_heads, False, shape.d_model)), chunks)
+    windows = row_windows(shape.graph, chunks)
     return max(w.stop - w.start for w in windows)
 
 
@@ -258,59 +258,75 @@ def attribution_estimate(
     allocator_slack: bool | None = None,
     chunks: int = 1,
     ig_steps: int = 5,
+    backend: str = "auto",
 ) -> Estimate:
-    """Peak memory of :func:`eapcore.attribute.attribute` over batches of shapes ``batches`` ``[(B, P), ...]``.
+    """Peak memory of :func:`eapcore.attribute.attribute` over batches of shapes ``batches`` ``[(B, P), ...]``:
+    the method's memory profile (:data:`eapcore.methods.MEMORY_PROFILES`) on the backend that
+    :func:`eapcore.backends.attribution_backend` picks for ``shape.architecture``.
     ``chunks``: the Δ buffer holds the largest window of source rows (``AttributionSpec.chunks``).
     ``allocator_slack``: add the memory glibc keeps after frees (default: on CPU, unless ``MALLOC_MMAP_THRESHOLD_``
     is set)."""
     if not batches:
         raise ValueError("no batches to estimate: the data set is empty")
-    if method == "exact":
-        return evaluation_estimate(shape, batches, dtype, device, n_devices, "exact scoring", allocator_slack)
-    b = _bytes(dtype)
-    L, H, d, F, V = shape.n_layers, shape.n_heads, shape.d_model, shape.n_forward, shape.d_vocab
+    m = get_method(method)
+    if m.memory == "evaluation":
+        return evaluation_estimate(shape, batches, dtype, device, n_devices, f"{method} scoring", allocator_slack)
     B, P = _peak_batch(batches, shape)
     parts, notes = _common(shape, dtype, device, n_devices)
-    acc_bytes = 8 if dtype == "float64" else 4
-    if method == "information-flow-routes":
-        parts += [
-            Part("source outputs (clean run)", B * P * F * d * b, f"B·P·n_forward·d_model = {B}·{P}·{F}·{d} × {b} B"),
-            Part("proximity temporaries", 2 * B * P * F * d * b, "2 · B·P·n_forward·d_model"),
-            Part("forward working set", B * P * FORWARD_PER_HEAD * H * d * b, f"B·P·{FORWARD_PER_HEAD}H·d_model"),
-            Part("small tensors", OTHER_BYTES, "read-outs, masks"),
-        ]
+    if m.memory == "clean run":
+        parts += _clean_run_parts(shape, B, P, _bytes(dtype))
     else:
-        rows = _window_rows(shape, chunks)
-        rows_text = "n_forward" if rows == F else f"rows of the largest of {chunks} windows"
-        parts.append(Part("Δ buffer", B * P * rows * d * b, f"B·P·{rows_text}·d_model = {B}·{P}·{rows}·{d} × {b} B"))
-        steps = {"EAP": 1, "clean-corrupted": 2}.get(method, ig_steps)
-        if level == "edge" and method in ("EAP", "EAP-IG-inputs", "clean-corrupted") and shape.architecture not in SPLIT_ONLY:
-            per_layer = KEPT_PER_LAYER_UNSPLIT + KEPT_PER_LAYER_STEP * (steps - 1)
-            kept = B * P * (L * (per_layer * d + KEPT_PER_MLP * shape.d_mlp) + 2 * d) + B * L * H * P * P
-            parts += [
-                Part("activations kept for backward (unsplit)", kept * b,
-                     f"B·P·[L·(({KEPT_PER_LAYER_UNSPLIT} + {KEPT_PER_LAYER_STEP}·(steps − 1))·d_model + "
-                     f"{KEPT_PER_MLP}d_mlp) + 2d_model] + B·L·H·P², {steps} steps"),
-                Part("logits gradient or backward working set", B * P * max(2 * V, 2 * H * d) * b,
-                     "B·P·max(2·d_vocab, 2H·d_model): the logits' gradient or the final contraction"),
-            ]
-        else:
-            kept = B * P * (L * (KEPT_PER_HEAD * H * d + KEPT_PER_MLP * shape.d_mlp + KEPT_PER_LAYER * d) + 2 * d) + B * L * H * P * P
-            parts += [
-                Part("activations kept for backward", kept * b,
-                     f"B·P·[L·({KEPT_PER_HEAD}H·d_model + {KEPT_PER_MLP}d_mlp + {KEPT_PER_LAYER}d_model) + 2d_model] + B·L·H·P²"),
-                Part("logits gradient or backward working set",
-                     B * P * max(2 * V, BACKWARD_PER_HEAD * H * d - KEPT_PER_MLP * shape.d_mlp - V) * b,
-                     f"B·P·max(2·d_vocab, {BACKWARD_PER_HEAD}H·d_model − {KEPT_PER_MLP}d_mlp − d_vocab)"),
-            ]
-        parts.append(Part("small tensors", OTHER_BYTES, "autograd bookkeeping, read-outs, masks"))
-    scores = F * shape.n_backward * acc_bytes + (F * d * acc_bytes if level != "edge" else 0)
+        unsplit = attribution_backend(method, level, shape.architecture, backend) == "unsplit"
+        parts += _gradient_parts(shape, B, P, _bytes(dtype), _window_rows(shape, chunks), chunks,
+                                 len(m.alphas(ig_steps)) if unsplit else None)
+    acc_bytes = 8 if dtype == "float64" else 4
+    F, d = shape.n_forward, shape.d_model
+    scores = F * shape.graph.n_backward * acc_bytes + (F * d * acc_bytes if level != "edge" else 0)
     parts.append(Part("score accumulators", scores, "n_forward·n_backward (+ n_forward·d_model) in float32"))
     notes.append(f"largest batch: {B} prompts × {P} positions; {len(batches)} batch(es)")
     churned = [p.name for p in parts if p.name not in ("Python, torch, transformers", "weights", "score accumulators")]
     unsplit = any(p.name.endswith("(unsplit)") for p in parts)
     factor = CPU_ALLOCATOR_FACTOR_UNSPLIT if unsplit else CPU_ALLOCATOR_FACTOR
     return Estimate(tuple(_with_slack(parts, device, allocator_slack, churned, factor)), device, tuple(notes))
+
+
+def _clean_run_parts(shape: ModelShape, B: int, P: int, b: int) -> list[Part]:
+    """One clean forward pass with every source output kept (information-flow routes)."""
+    H, d, F = shape.n_heads, shape.d_model, shape.n_forward
+    return [
+        Part("source outputs (clean run)", B * P * F * d * b, f"B·P·n_forward·d_model = {B}·{P}·{F}·{d} × {b} B"),
+        Part("proximity temporaries", 2 * B * P * F * d * b, "2 · B·P·n_forward·d_model"),
+        Part("forward working set", B * P * FORWARD_PER_HEAD * H * d * b, f"B·P·{FORWARD_PER_HEAD}H·d_model"),
+        Part("small tensors", OTHER_BYTES, "read-outs, masks"),
+    ]
+
+
+def _gradient_parts(shape: ModelShape, B: int, P: int, b: int, rows: int, chunks: int, unsplit_steps: int | None) -> list[Part]:
+    """The Δ buffer and the gradient passes: unsplit (``unsplit_steps`` gradient steps) or split (None)."""
+    L, H, d, F, V = shape.n_layers, shape.n_heads, shape.d_model, shape.n_forward, shape.d_vocab
+    rows_text = "n_forward" if rows == F else f"rows of the largest of {chunks} windows"
+    parts = [Part("Δ buffer", B * P * rows * d * b, f"B·P·{rows_text}·d_model = {B}·{P}·{rows}·{d} × {b} B")]
+    if unsplit_steps is not None:
+        steps = unsplit_steps
+        per_layer = KEPT_PER_LAYER_UNSPLIT + KEPT_PER_LAYER_STEP * (steps - 1)
+        kept = B * P * (L * (per_layer * d + KEPT_PER_MLP * shape.d_mlp) + 2 * d) + B * L * H * P * P
+        parts += [
+            Part("activations kept for backward (unsplit)", kept * b,
+                 f"B·P·[L·(({KEPT_PER_LAYER_UNSPLIT} + {KEPT_PER_LAYER_STEP}·(steps − 1))·d_model + "
+                 f"{KEPT_PER_MLP}d_mlp) + 2d_model] + B·L·H·P², {steps} steps"),
+            Part("logits gradient or backward working set", B * P * max(2 * V, 2 * H * d) * b,
+                 "B·P·max(2·d_vocab, 2H·d_model): the logits' gradient or the final contraction"),
+        ]
+    else:
+        kept = B * P * (L * (KEPT_PER_HEAD * H * d + KEPT_PER_MLP * shape.d_mlp + KEPT_PER_LAYER * d) + 2 * d) + B * L * H * P * P
+        parts += [
+            Part("activations kept for backward", kept * b,
+                 f"B·P·[L·({KEPT_PER_HEAD}H·d_model + {KEPT_PER_MLP}d_mlp + {KEPT_PER_LAYER}d_model) + 2d_model] + B·L·H·P²"),
+            Part("logits gradient or backward working set",
+                 B * P * max(2 * V, BACKWARD_PER_HEAD * H * d - KEPT_PER_MLP * shape.d_mlp - V) * b,
+                 f"B·P·max(2·d_vocab, {BACKWARD_PER_HEAD}H·d_model − {KEPT_PER_MLP}d_mlp − d_vocab)"),
+        ]
+    return parts + [Part("small tensors", OTHER_BYTES, "autograd bookkeeping, read-outs, masks")]
 
 
 def evaluation_estimate(
@@ -336,7 +352,7 @@ def evaluation_estimate(
         Part("cached ablated outputs", cached, "Σ_batches B·P·n_forward·d_model"),
         Part("cached read-outs", 2 * n * V * b, "2·N·d_vocab (clean and corrupted logits at the read-out)"),
     ]
-    if shape.architecture in SPARSE_ARCHITECTURES:  # eapcore.sparse: every destination group's ablated input
+    if evaluation_engine(shape.architecture) == "sparse":  # eapcore.sparse: every destination group's ablated input
         L = shape.n_layers
         parts.append(Part("cached ablated inputs", cached // F * (2 * L + 2), "Σ_batches B·P·(2L + 2)·d_model"))
     parts += [

@@ -3,8 +3,9 @@
 One place (:func:`prepare_model`) sets the EAP hook flags (per-head results, split q/k/v inputs,
 MLP-input hook), ungroups grouped-query attention so that every query head has its own k and v input
 (:func:`ungroup_kv_heads`, the EAP-IG convention), freezes the weights, refuses architectures that do
-not fit the graph (:class:`UnsupportedModelError`, :func:`check_model`), and maps the model onto a
-:class:`~eapcore.graph.Graph`. Supported and refused families: docs/families.md.
+not fit the graph (:class:`UnsupportedModelError`, :func:`check_model`; the registry
+:mod:`eapcore.families`), and maps the model onto a :class:`~eapcore.graph.Graph`. Supported and
+refused families: docs/families.md.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 
+from eapcore import families
+from eapcore.families import architecture
 from eapcore.graph import Graph, GraphConfig
 from eapcore.sites import destinations, per_column, source_major, sources
 
@@ -103,7 +106,7 @@ def load_model(spec: ModelSpec | str = "demo", device: str | None = None, dtype:
     except (AttributeError, NotImplementedError) as e:  # e.g. CodeGen: the bridge cannot wrap the model
         raise UnsupportedModelError(
             f"could not load model {spec.name!r}: TransformerLens could not build a bridge for it ({type(e).__name__}: "
-            f"{e}). Supported families: {', '.join(sorted(VERIFIED_ARCHITECTURES))} (see docs/families.md)"
+            f"{e}). Supported families: {', '.join(families.verified())} (see docs/families.md)"
         ) from e
     return prepare_model(model)
 
@@ -112,61 +115,10 @@ class UnsupportedModelError(ValueError):
     """The model's architecture cannot be mapped exactly onto the EAP graph; the message says why."""
 
 
-# Families whose attribution and evaluation are checked against independent computations on tiny random
-# configs in tests/test_families.py (see docs/families.md).
-VERIFIED_ARCHITECTURES = frozenset({
-    "GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM", "GemmaForCausalLM", "Phi3ForCausalLM", "OlmoForCausalLM", "Starcoder2ForCausalLM",
-    "GPTBigCodeForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
-})
-
-_POST_NORM = (
-    "normalizes each attention and MLP output before adding it to the residual stream (post-sublayer "
-    "norms), so the residual stream is not the sum of the per-head and MLP outputs and an edge has no "
-    "exact meaning"
-)
-_SHARED_NORM = (
-    "runs attention and MLP in parallel from one shared input norm; TransformerLens 4.3's bridge then "
-    "has no separate MLP-input hook (hook_mlp_in never fires), so MLP input edges cannot be patched"
-)
-_NO_RESULT = (
-    "uses an attention bridge without per-head results (use_attn_result) or split q/k/v inputs in "
-    "TransformerLens 4.3"
-)
-# Checked with tiny random configs (tests/test_families.py checks a representative subset).
-REFUSED_ARCHITECTURES: dict[str, str] = {
-    "Gemma2ForCausalLM": _POST_NORM,
-    "Gemma3ForCausalLM": _POST_NORM,
-    "Gemma3ForConditionalGeneration": _POST_NORM,
-    "Olmo2ForCausalLM": _POST_NORM,
-    "Olmo3ForCausalLM": _POST_NORM,
-    "PhiForCausalLM": _SHARED_NORM,
-    "FalconForCausalLM": _SHARED_NORM,
-    "CohereForCausalLM": _SHARED_NORM,
-    "GPTJForCausalLM": _NO_RESULT,
-    "OPTForCausalLM": _NO_RESULT,
-    "GPTNeoForCausalLM": _NO_RESULT,
-    "BloomForCausalLM": "never fires hook_mlp_in with the EAP flags on in TransformerLens 4.3 (Bloom block bridge)",
-    "MptForCausalLM": "never fires the split q/k/v input hooks in TransformerLens 4.3 (ALiBi attention bridge)",
-    "StableLmForCausalLM": (
-        "is computed differently by TransformerLens 4.3's bridge than by Hugging Face (logits differ by "
-        "~0.6 on a tiny random model, even without the EAP hook flags)"
-    ),
-}
-
-
-def architecture(model: Any) -> str:
-    """The Hugging Face architecture name of a bridge, e.g. ``LlamaForCausalLM``."""
-    name = getattr(model.cfg, "architecture", None)
-    if not name and getattr(model, "original_model", None) is not None:
-        name = type(model.original_model).__name__
-    return str(name or "unknown")
-
-
 def _refuse(model: Any, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"{architecture(model)} is not supported for edge attribution: it {why}. Supported families: "
-        f"{', '.join(sorted(VERIFIED_ARCHITECTURES))} (see docs/families.md)"
+        f"{', '.join(families.verified())} (see docs/families.md)"
     )
 
 
@@ -174,16 +126,16 @@ def prepare_model(model: Any, check: bool = True) -> Any:
     """Make a ``TransformerBridge`` EAP-ready in place and return it.
 
     Sets the EAP hook flags (per-head results, split q/k/v inputs, MLP-input hook), ungroups grouped-
-    query attention (:func:`ungroup_kv_heads`), freezes the weights and switches to eval mode. Refuses
-    families known not to fit the graph (:data:`REFUSED_ARCHITECTURES`) with
-    :class:`UnsupportedModelError`; with ``check`` (the default) it then runs :func:`check_model` on a
-    short probe input, which refuses any other architecture whose hooks do not fire, whose residual
-    stream is not the sum of the graph's source outputs, or whose output the preparation changed.
-    Architectures that pass but are not in :data:`VERIFIED_ARCHITECTURES` get a warning.
+    query attention (:func:`ungroup_kv_heads`), freezes the weights and switches to eval mode. Refuses families that
+    :mod:`eapcore.families` lists as refused with :class:`UnsupportedModelError`; with ``check`` (the
+    default) it then runs :func:`check_model` on a short probe input, which refuses any other
+    architecture whose hooks do not fire, whose residual stream is not the sum of the graph's source
+    outputs, or whose output the preparation changed. Architectures that pass but are not verified get
+    a warning.
     """
-    arch = architecture(model)
-    if arch in REFUSED_ARCHITECTURES:
-        raise _refuse(model, REFUSED_ARCHITECTURES[arch])
+    family = families.of(model)
+    if family is not None and not family.verified:
+        raise _refuse(model, family.refused)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -199,10 +151,10 @@ def prepare_model(model: Any, check: bool = True) -> Any:
     ungroup_kv_heads(model)
     if check:
         check_model(model, tokens, before)
-    if arch not in VERIFIED_ARCHITECTURES:
+    if family is None:
         warnings.warn(
-            f"{arch} passed eapcore's hook and additivity checks but is not among the verified families "
-            f"({', '.join(sorted(VERIFIED_ARCHITECTURES))}); treat its scores with care (docs/families.md)",
+            f"{architecture(model)} passed eapcore's hook and additivity checks but is not among the verified "
+            f"families ({', '.join(families.verified())}); treat its scores with care (docs/families.md)",
             stacklevel=2,
         )
     return model
@@ -211,7 +163,7 @@ def prepare_model(model: Any, check: bool = True) -> Any:
 def ungroup_kv_heads(model: Any) -> None:
     """Give every query head its own key/value projection, so that k/v inputs are per query head.
 
-    Decision (issue #5): the graph has one ``<k>`` and one ``<v>`` edge per *query* head, as EAP-IG has
+    The graph has one ``<k>`` and one ``<v>`` edge per *query* head, as EAP-IG has
     with TransformerLens 3's ``ungroup_grouped_query_attention``; graphs and exported files of grouped-
     query (GQA) and multi-query models are then the same as the reference's. TransformerLens 4's
     bridge has no such flag (its ``hook_k_input``/``hook_v_input`` carry one slice per key/value head),
@@ -297,18 +249,15 @@ def check_model(model: Any, tokens: torch.Tensor | None = None, reference_logits
     tokens = _probe_tokens(model) if tokens is None else tokens
     dtype = model_dtype(model)
     tol = _SUM_TOL.get(dtype, 1e-1)
+    from eapcore.recording import record  # eapcore.recording reads this module's dtype and device helpers
+
     store: dict[str, torch.Tensor] = {}
-
-    def keep(name: str):
-        def hook(t: torch.Tensor, hook: Any) -> None:
-            store[name] = t.detach().to("cpu", torch.float64 if dtype == torch.float64 else torch.float32, copy=True)
-        return hook
-
+    as_float = lambda t: t.to("cpu", torch.float64 if dtype == torch.float64 else torch.float32)  # noqa: E731
     srcs, dsts = sources(graph), destinations(graph)
     names = list(dict.fromkeys([s.hook for s in srcs] + [d.hook for d in dsts]))
     try:
         with torch.no_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(n, keep(n)) for n in names])
+            logits = model.run_with_hooks(tokens, fwd_hooks=[record(n, store, n, as_float) for n in names])
     except KeyError as e:
         raise _refuse(model, f"lacks a hook that EAP needs ({e})") from e
     missing = [n for n in names if n not in store]
@@ -334,7 +283,7 @@ def check_model(model: Any, tokens: torch.Tensor | None = None, reference_logits
                 f"fires {d.hook} with shape {tuple(store[d.hook].shape)}, not {n} slice(s) of d_model (was it prepared "
                 "with eapcore.models.prepare_model, which ungroups key/value heads?)",
             )
-        rest = x - prefix[d.prev - 1].unsqueeze(2)
+        rest = x - prefix[d.n_sources - 1].unsqueeze(2)
         if float((rest[0] - rest[1]).abs().max()) > tol * max(float(x.abs().max()), 1e-30):
             bad.append(d.hook)
     if bad:

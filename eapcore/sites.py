@@ -23,11 +23,11 @@ class Source:
 
 @dataclass(frozen=True)
 class Destination:
-    """A hook whose tensor is the input of destination columns ``cols``; reads the first ``prev`` sources."""
+    """A hook whose tensor is the input of destination columns ``cols``; reads the first ``n_sources`` sources."""
 
     hook: str
     cols: slice
-    prev: int
+    n_sources: int
 
 
 def sources(graph: Graph) -> list[Source]:
@@ -46,9 +46,9 @@ def destinations(graph: Graph) -> list[Destination]:
     for layer in range(graph.cfg.n_layers):
         for which in QKV:
             col = graph.qkv_column(layer, which)
-            out.append(Destination(f"blocks.{layer}.hook_{which}_input", slice(col, col + H), graph.attn_prev(layer)))
+            out.append(Destination(f"blocks.{layer}.hook_{which}_input", slice(col, col + H), graph.n_attn_sources(layer)))
         col = graph.mlp_column(layer)
-        out.append(Destination(f"blocks.{layer}.hook_mlp_in", slice(col, col + 1), graph.mlp_prev(layer)))
+        out.append(Destination(f"blocks.{layer}.hook_mlp_in", slice(col, col + 1), graph.n_mlp_sources(layer)))
     last = graph.cfg.n_layers - 1
     out.append(Destination(f"blocks.{last}.hook_resid_post", slice(graph.logits_column, graph.n_backward), graph.n_forward))
     return out

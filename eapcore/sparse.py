@@ -1,11 +1,12 @@
-"""Circuit evaluation that computes only the nodes a circuit reads from (GPT-2, Llama-style, Pythia).
+"""The sparse evaluation engine: circuit evaluation that computes only the nodes a circuit reads from.
 
 Destination v's input under a circuit C is X_v + Σ_{(u,v) ∈ C} (a_u − ā_u): its input with every edge
 ablated, X_v = c_v + Σ_u ā_u (c_v: position embeddings and output biases, which no edge carries),
-plus, for each in-circuit edge, the parent's actual output minus its ablated one. So a node whose
+plus, for each in-circuit edge, its parent's ``restore`` = actual − ablated output. So a node whose
 outgoing edges are all outside C is never computed, heads are computed one by one from their own q/k/v
 inputs, and the logits only at each example's last real token. A small circuit costs a fraction of a
-forward pass; the full graph about one. Same values as the hooked evaluation (tests/test_evaluate.py).
+forward pass; the full graph about one. Same values as the hooked engine (tests/test_evaluate.py). Runs the
+families whose :class:`~eapcore.families.Family` has ``sparse`` (:mod:`eapcore.backends` decides).
 """
 
 from __future__ import annotations
@@ -16,31 +17,30 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from eapcore import families
 from eapcore.graph import QKV, Graph
 from eapcore.heads import HeadWeights, head_weights
-from eapcore.models import architecture
+from eapcore.recording import Hook, record
 from eapcore.sites import Destination, destinations
 
 
-_ROTARY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                     "GPTNeoXForCausalLM"})
-ARCHITECTURES = _ROTARY | {"GPT2LMHeadModel"}
-
-
-def supports(model: Any, n_pos: int = 0) -> bool:
-    """GPT-2 (plain scaled attention), a Llama-style model (rotary attention, optional q/k norms, a
-    sliding window no shorter than ``n_pos``) or GPT-NeoX/Pythia (partial rotary, parallel or sequential
-    residual), with per-head q/k/v projections as the bridge splits them."""
-    name = architecture(model)
-    if name not in ARCHITECTURES or len({p.device for p in model.parameters()}) > 1:  # not split over devices
-        return False
+def unfit(model: Any, n_pos: int = 0) -> str | None:
+    """Why this loaded model (of a family that has sparse evaluation) cannot be evaluated node by node on
+    prompts of ``n_pos`` tokens, as text; None if it can. GPT-2 (plain scaled attention), Llama-style models
+    (rotary attention, optional q/k norms, a sliding window no shorter than ``n_pos``) and GPT-NeoX/Pythia
+    (partial rotary, parallel or sequential residual) are handled, with per-head q/k/v projections as the
+    bridge splits them, on one device."""
+    if len({p.device for p in model.parameters()}) > 1:
+        return "the model is split over several devices"
     if head_weights(model, 0) is None:
-        return False
+        return "its attention has no per-head q/k/v/o projections of the expected size"
     hf = model.original_model.config
-    if name == "GPT2LMHeadModel":
-        return bool(hf.scale_attn_weights and not hf.scale_attn_by_inverse_layer_idx and not hf.reorder_and_upcast_attn)
     window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
-    return (window is None or window >= n_pos) and _rotary_embedding(model) is not None
+    if window is not None and window < n_pos:
+        return f"its sliding window ({window} tokens) is shorter than the prompts ({n_pos} tokens)"
+    if families.of(model).attention != "plain" and _rotary_embedding(model) is None:
+        return "its rotary embedding module was not found"
+    return None
 
 
 def _rotary_embedding(model: Any) -> torch.nn.Module | None:
@@ -75,7 +75,7 @@ def _layer(model: Any, layer: int) -> _Layer:
     block = model.blocks[layer]
     hf_attn = block.attn.original_component
     scaling = float(getattr(hf_attn, "scaling", model.cfg.d_head**-0.5))
-    norms = {w: getattr(hf_attn, f"{w}_norm") for w in "qk" if getattr(hf_attn, f"{w}_norm", None) is not None}
+    norms = {w: getattr(hf_attn, f"{w}_norm") for w in "qk"} if families.of(model).qk_norm else {}
     mlp = block.mlp.original_component
     return _Layer(block.ln1.original_component, block.ln2.original_component, _mlp(mlp), head_weights(model, layer),
                   scaling, norms)
@@ -116,17 +116,16 @@ class SparseCircuitRunner:
         self.rows, self.last = torch.arange(ablated.shape[1], device=ablated.device), lengths.to(ablated.device) - 1
         self.real = torch.arange(ablated.shape[2], device=ablated.device)[None, :] <= self.last[:, None]  # [batch pos]
         self.rotary = None  # cos, sin [pos d_head]
-        if (embedding := _rotary_embedding(model)) is not None and architecture(model) in _ROTARY:
+        if families.of(model).attention != "plain":
             positions = torch.arange(ablated.shape[2], device=ablated.device)[None]
-            self.rotary = tuple(t[0] for t in embedding(ablated[0, :1], positions))
-        self.input_delta = clean[0] - ablated[0]  # the input node's actual output is its clean one
-        # X_v = c_v + Σ_{u < prev} ā_u, with c_v = clean input − Σ_{u < prev} clean_u (a running sum: no
-        # temporary the size of the cache)
-        prevs = [d.prev for d in _input_groups(graph)]
+            self.rotary = tuple(t[0] for t in _rotary_embedding(model)(ablated[0, :1], positions))
+        self.input_restore = clean[0] - ablated[0]  # the input node's actual output is its clean one
+        # X_v = c_v + Σ_{u < n} ā_u over the n sources v reads, with c_v = clean input − Σ_{u < n} clean_u (a
+        # running sum: no temporary the size of the cache)
         shift, done, self.all_ablated = torch.zeros_like(clean[0]), 0, []
-        for x, prev in zip(clean_inputs, prevs):
-            shift += (ablated[done:prev] - clean[done:prev]).sum(0)
-            done = prev
+        for x, n in zip(clean_inputs, [d.n_sources for d in _input_groups(graph)]):
+            shift += (ablated[done:n] - clean[done:n]).sum(0)
+            done = n
             self.all_ablated.append(x + shift)
         self.ablated_last = self._at_last(ablated)
         # per destination column: does it read all positions (k, v), and which node reads through it
@@ -156,23 +155,23 @@ class SparseCircuitRunner:
         ``[n_forward n_backward]`` (bool, real edges) carry actual outputs."""
         g, H = self.graph, self.graph.cfg.n_heads
         needed, everywhere = self._plan(keep)
-        delta = torch.zeros_like(self.ablated)  # a_u − ā_u of sources computed at every position
-        delta_last = torch.zeros_like(self.ablated_last)  # ... and of every computed source, at the last tokens
-        delta[0], delta_last[0] = self.input_delta, self._at_last(self.input_delta)
+        restore = torch.zeros_like(self.ablated)  # actual − ablated, a_u − ā_u, of sources computed at every position
+        restore_last = torch.zeros_like(self.ablated_last)  # ... and of every computed source, at the last tokens
+        restore[0], restore_last[0] = self.input_restore, self._at_last(self.input_restore)
 
         def store(rows: list[int], out: torch.Tensor, full: bool) -> None:
             if full:
-                delta[rows] = out - self.ablated[rows]
-                delta_last[rows] = self._at_last(delta[rows])
+                restore[rows] = out - self.ablated[rows]
+                restore_last[rows] = self._at_last(restore[rows])
             else:
-                delta_last[rows] = out - self.ablated_last[rows]
+                restore_last[rows] = out - self.ablated_last[rows]
 
         for layer, weights in enumerate(self.layers):
             base, base_mlp = self.all_ablated[2 * layer], self.all_ablated[2 * layer + 1]
             heads = [h for h in range(H) if needed[g.head_index(layer, h)]]
             if heads:
-                prev = g.attn_prev(layer)
-                kv = self._inputs(base, keep, delta, prev, [g.qkv_column(layer, w, h) for w in "kv" for h in heads])
+                n = g.n_attn_sources(layer)
+                kv = self._inputs(base, keep, restore, n, [g.qkv_column(layer, w, h) for w in "kv" for h in heads])
                 k, v = (weights.project(w, kv[i * len(heads):(i + 1) * len(heads)], heads) for i, w in enumerate("kv"))
                 k = self._position(k, None)
                 for full in (True, False):
@@ -181,8 +180,8 @@ class SparseCircuitRunner:
                         continue
                     chosen = [heads[i] for i in sub]
                     q_cols = [g.qkv_column(layer, "q", h) for h in chosen]
-                    q_in = (self._inputs(base, keep, delta, prev, q_cols) if full
-                            else self._inputs(self._at_last(base), keep, delta_last, prev, q_cols))
+                    q_in = (self._inputs(base, keep, restore, n, q_cols) if full
+                            else self._inputs(self._at_last(base), keep, restore_last, n, q_cols))
                     at = None if full else self.last
                     z = _attend(self._position(weights.project("q", q_in, chosen), at), k[sub], v[sub], at, weights.scaling,
                                 None if self.rotary is None else torch.float32)
@@ -191,13 +190,13 @@ class SparseCircuitRunner:
             if needed[row]:
                 full, cols = everywhere[row], [g.mlp_column(layer)]
                 if full:  # real tokens only: padding is 10-20% of a typical batch
-                    x = self._inputs(base_mlp, keep, delta, g.mlp_prev(layer), cols)[0]
+                    x = self._inputs(base_mlp, keep, restore, g.n_mlp_sources(layer), cols)[0]
                     out = self.ablated[row].clone()
                     out[self.real] = weights.mlp(weights.ln2(x[self.real]))
                 else:
-                    out = weights.mlp(weights.ln2(self._inputs(self._at_last(base_mlp), keep, delta_last, g.mlp_prev(layer), cols)))
+                    out = weights.mlp(weights.ln2(self._inputs(self._at_last(base_mlp), keep, restore_last, g.n_mlp_sources(layer), cols)))
                 store([row], out, full)
-        final = self._inputs(self._at_last(self.all_ablated[-1]), keep, delta_last, g.n_forward, [g.logits_column])[0]
+        final = self._inputs(self._at_last(self.all_ablated[-1]), keep, restore_last, g.n_forward, [g.logits_column])[0]
         return self.model.unembed.original_component(self.model.ln_final.original_component(final))
 
     def _position(self, x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
@@ -208,16 +207,17 @@ class SparseCircuitRunner:
         return _rotate(x, cos, sin)
 
     @staticmethod
-    def _inputs(base: torch.Tensor, keep: torch.Tensor, delta: torch.Tensor, prev: int, cols: list[int]) -> torch.Tensor:
-        """``[len(cols) *base.shape]``: base + Σ over each column's in-circuit parents of their Δ."""
-        mask = keep[:prev, cols]
+    def _inputs(base: torch.Tensor, keep: torch.Tensor, restore: torch.Tensor, n: int, cols: list[int]) -> torch.Tensor:
+        """``[len(cols) *base.shape]``: base + Σ over each column's in-circuit parents (among the first ``n``
+        sources) of their ``restore``."""
+        mask = keep[:n, cols]
         parents = mask.any(1).nonzero().flatten()
         if len(parents) == 0:
             return base.expand(len(cols), *base.shape)
-        if 2 * len(parents) > prev:  # most rows: multiply through all of them rather than copy them out
-            add = mask.T.to(delta) @ delta[:prev].reshape(prev, -1)
+        if 2 * len(parents) > n:  # most rows: multiply through all of them rather than copy them out
+            add = mask.T.to(restore) @ restore[:n].reshape(n, -1)
         else:
-            add = mask[parents].T.to(delta) @ delta[parents].reshape(len(parents), -1)
+            add = mask[parents].T.to(restore) @ restore[parents].reshape(len(parents), -1)
         return base + add.view(len(cols), *base.shape)
 
 
@@ -244,15 +244,12 @@ def _input_groups(graph: Graph) -> list[Destination]:
     return [d for d in destinations(graph) if d.hook.endswith(("q_input", "mlp_in", "resid_post"))]
 
 
-def input_recorders(graph: Graph, store: list[torch.Tensor | None]) -> list:
+def input_recorders(graph: Graph, store: torch.Tensor) -> list[Hook]:
     """Forward hooks that write the input of every destination group (attention and MLP of each layer,
-    logits) into ``store``, in that order, as ``[batch pos d_model]``."""
-    wanted = [d.hook for d in _input_groups(graph)]
-    store[:] = [None] * len(wanted)
+    logits) into ``store`` ``[2 n_layers + 1, batch pos d_model]``, in that order."""
+    return [record(d.hook, store, slot, _first_column) for slot, d in enumerate(_input_groups(graph))]
 
-    def make(slot: int) -> Any:
-        def hook(t: torch.Tensor, hook: Any) -> None:
-            store[slot] = (t[:, :, 0] if t.dim() == 4 else t).detach().clone()
-        return hook
 
-    return [(h, make(i)) for i, h in enumerate(wanted)]
+def _first_column(t: torch.Tensor) -> torch.Tensor:
+    """A destination group's input ``[batch pos d_model]``; per-head copies (q of every head) are equal."""
+    return t[:, :, 0] if t.dim() == 4 else t

@@ -52,7 +52,7 @@ def forward(
         for h in range(H):
             proj = {}
             for i, which in enumerate(QKV):
-                x = build(graph.qkv_column(layer, which, h), graph.attn_prev(layer), const)
+                x = build(graph.qkv_column(layer, which, h), graph.n_attn_sources(layer), const)
                 cols = slice(i * D + h * dh, i * D + (h + 1) * dh)
                 proj[which] = block.ln_1(x) @ W[:, cols] + b[cols]
             att = (proj["q"] @ proj["k"].transpose(-1, -2)) / dh**0.5
@@ -60,7 +60,7 @@ def forward(
             heads.append((att @ proj["v"]) @ Wo[h * dh : (h + 1) * dh])
         outputs.extend(heads)
         const = const + block.attn.c_proj.bias
-        mlp_in = build(graph.mlp_column(layer), graph.mlp_prev(layer), const)
+        mlp_in = build(graph.mlp_column(layer), graph.n_mlp_sources(layer), const)
         outputs.append(block.mlp(block.ln_2(mlp_in)))
     final = build(graph.logits_column, graph.n_forward, const)
     logits = hf.lm_head(tr.ln_f(final))

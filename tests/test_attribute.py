@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from eapcore import fastgrad
 from eapcore.attribute import AttributionSpec, attribute
+from eapcore.backends import attribution_backend
 from eapcore.data import PromptPairs, tokenize
 from eapcore.metrics import logit_diff, readout
 from eapcore.models import model_graph
@@ -51,7 +51,7 @@ def reference_scores(hf, graph, data, alphas):
             cols = sorted(inputs)
             grads = torch.autograd.grad(loss, [inputs[c] for c in cols])
             for col, g in zip(cols, grads):
-                for u in range(int(graph.prev_index[col])):
+                for u in range(int(graph.n_sources[col])):
                     expected[u, col] += ((corr_out[u] - clean_out[u]) * g).sum() / len(alphas)
     return expected / len(data)
 
@@ -63,16 +63,16 @@ def test_reference_forward_matches_hugging_face(hf64, tiny64, pairs):
     torch.testing.assert_close(logits, hf64(clean).logits, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("path", ["fast", "plain"])
+@pytest.mark.parametrize("backend", ["unsplit", "split"])
 @pytest.mark.parametrize("method", ["EAP", "clean-corrupted", "EAP-IG-inputs"])
-def test_scores_equal_hook_free_autograd(method, path, hf64, tiny64, pairs, monkeypatch):
-    """Both gradient paths: unsplit passes (eapcore.fastgrad) and per-head split inputs."""
-    assert fastgrad.supports(tiny64)
-    if path == "plain":
-        monkeypatch.setattr(fastgrad, "supports", lambda model: False)
+def test_scores_equal_hook_free_autograd(method, backend, hf64, tiny64, pairs):
+    """Both attribution backends: unsplit passes (eapcore.fastgrad) and per-head split inputs."""
+    assert attribution_backend(method, "edge", "GPT2LMHeadModel") == "unsplit"  # what auto picks for GPT-2
     data = tokenize(pairs, tiny64.tokenizer)
-    spec = AttributionSpec(method=method, ig_steps=3, batch_size=3)
-    ours = attribute(tiny64, data, spec).edges
+    spec = AttributionSpec(method=method, ig_steps=3, batch_size=3, backend=backend)
+    scores = attribute(tiny64, data, spec)
+    assert scores.provenance["backend"] == backend
+    ours = scores.edges
     expected = reference_scores(hf64, model_graph(tiny64), data, spec.alphas())
     assert expected.abs().max() > 1e-3  # the comparison is not vacuous
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
@@ -144,15 +144,14 @@ def test_bfloat16_keeps_the_ranking():
 @pytest.mark.parametrize("method,intervention", [
     ("EAP", "patching"), ("EAP", "zero"), ("EAP", "mean"), ("EAP-IG-inputs", "patching"), ("clean-corrupted", "patching"),
 ])
-def test_fast_path_equals_the_plain_path(method, intervention, chunks, tiny64, pairs, monkeypatch):
+def test_fast_path_equals_the_plain_path(method, intervention, chunks, tiny64, pairs):
     """Δ recorded inside the unsplit gradient passes, every intervention the methods allow, windows of
-    source rows: the same scores and the same progress reports as the split path."""
+    source rows: the same scores and the same progress reports as the split backend."""
     data = tokenize(pairs, tiny64.tokenizer)
-    spec = AttributionSpec(method=method, ig_steps=3, batch_size=3, chunks=chunks, intervention=intervention, metric="prob_diff")
+    spec = dict(method=method, ig_steps=3, batch_size=3, chunks=chunks, intervention=intervention, metric="prob_diff")
     fast_calls, plain_calls = [], []
-    fast = attribute(tiny64, data, spec, progress=lambda *a: fast_calls.append(a)).edges
-    monkeypatch.setattr(fastgrad, "supports", lambda model: False)
-    plain = attribute(tiny64, data, spec, progress=lambda *a: plain_calls.append(a)).edges
+    fast = attribute(tiny64, data, AttributionSpec(**spec, backend="unsplit"), progress=lambda *a: fast_calls.append(a)).edges
+    plain = attribute(tiny64, data, AttributionSpec(**spec, backend="split"), progress=lambda *a: plain_calls.append(a)).edges
     assert plain.abs().max() > 1e-3
     torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)
     assert fast_calls == plain_calls

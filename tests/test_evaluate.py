@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from eapcore import sparse
 from eapcore.circuit import Circuit
 from eapcore.data import tokenize
 from eapcore.evaluate import CircuitEvaluator, normalized
@@ -18,13 +17,9 @@ from reference_gpt2 import forward
 
 @pytest.fixture(scope="module", params=["sparse", "hooked"])
 def evaluator(request, tiny64, pairs):
-    """Both evaluation paths: node by node (eapcore.sparse, GPT-2) and one hooked forward pass."""
-    ev = CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), batch_size=3)
-    with pytest.MonkeyPatch.context() as mp:
-        if request.param == "hooked":
-            mp.setattr(sparse, "supports", lambda model, n_pos=0: False)
-        ev._prepared()  # the path is chosen when the ablated outputs are cached
-    assert (ev._prepared()[0].runner is not None) == (request.param == "sparse")
+    """Both evaluation engines: node by node (eapcore.sparse, GPT-2) and one hooked forward pass."""
+    ev = CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), batch_size=3, engine=request.param)
+    assert ev.engine == request.param
     return ev
 
 
@@ -45,8 +40,12 @@ def test_full_circuit_is_clean_and_empty_is_corrupted(evaluator, tiny_dir, pairs
     full = evaluator.evaluate(Circuit.full(evaluator.graph))  # looked up: the cached clean run
     empty = evaluator.evaluate(Circuit.empty(evaluator.graph)).mean().item()
     assert abs(base.clean - base.corrupted) > 0.1
-    torch.testing.assert_close(full, hand_patched(hf, evaluator.graph, evaluator.data, evaluator.graph.real_edge_mask))
+    expected = hand_patched(hf, evaluator.graph, evaluator.data, evaluator.graph.real_edge_mask)
+    torch.testing.assert_close(full, expected)
     assert empty == pytest.approx(base.corrupted, abs=1e-5)
+    # the full graph through the engine itself, as any other circuit
+    torch.testing.assert_close(evaluator.evaluate(Circuit.full(evaluator.graph), reuse_clean=False), expected,
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_removing_each_edge_equals_hand_patching(evaluator, tiny_dir, tiny64, pairs):
@@ -83,10 +82,12 @@ def test_faithfulness_is_normalized(evaluator):
         normalized(1.0, 2.0, 2.0)
 
 
-def test_kl_metric_is_zero_for_full_circuit(tiny64, pairs):
-    ev = CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), metric="kl_div")
+@pytest.mark.parametrize("engine", ["sparse", "hooked"])
+def test_kl_metric_is_zero_for_full_circuit(engine, tiny64, pairs):
+    ev = CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), metric="kl_div", engine=engine)
     assert ev.baseline().clean == pytest.approx(0.0, abs=1e-9)
     assert ev.evaluate(Circuit.full(ev.graph)).abs().max() < 1e-9
+    assert ev.evaluate(Circuit.full(ev.graph), reuse_clean=False).abs().max() < 1e-9  # through the engine
     assert ev.baseline().corrupted > 0
 
 
@@ -95,18 +96,16 @@ def _rows(pairs, rows):
 
 
 def _both_paths(model, data, intervention, batch_size=3):
-    sparse_ev = CircuitEvaluator(model, data, batch_size=batch_size, intervention=intervention)
-    hooked = CircuitEvaluator(model, data, batch_size=batch_size, intervention=intervention)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sparse, "supports", lambda model, n_pos=0: False)
-        hooked._prepared()
-    assert sparse_ev._prepared()[0].runner is not None and hooked._prepared()[0].runner is None
+    sparse_ev = CircuitEvaluator(model, data, batch_size=batch_size, intervention=intervention)  # auto: sparse
+    hooked = CircuitEvaluator(model, data, batch_size=batch_size, intervention=intervention, engine="hooked")
+    assert (sparse_ev.engine, hooked.engine) == ("sparse", "hooked")
     return sparse_ev, hooked
 
 
 @pytest.mark.parametrize("intervention", ["patching", "zero", "mean", "mean-positional"])
 def test_sparse_evaluation_equals_the_hooked_pass(intervention, tiny64, pairs):
-    """Random circuits from very sparse (a node needed only at the last token) to dense, every intervention."""
+    """Random circuits from very sparse (a node needed only at the last token) to dense (the full graph run
+    through both engines, not looked up), every intervention."""
     if intervention == "mean-positional":  # needs prompts of one length
         pairs = _rows(pairs, [i for i, c in enumerate(pairs.clean) if len(c.split()) == 4])
     data = tokenize(pairs, tiny64.tokenizer)
@@ -117,7 +116,8 @@ def test_sparse_evaluation_equals_the_hooked_pass(intervention, tiny64, pairs):
         for _ in range(3):
             keep = graph.real_edge_mask & (torch.rand(graph.real_edge_mask.shape, generator=gen) < density)
             circuit = Circuit(graph, keep, torch.ones(graph.n_forward, dtype=torch.bool))
-            torch.testing.assert_close(fast.evaluate(circuit), hooked.evaluate(circuit), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(fast.evaluate(circuit, reuse_clean=False), hooked.evaluate(circuit, reuse_clean=False),
+                                       rtol=1e-10, atol=1e-10)
 
 
 def test_sparse_evaluation_on_the_demo_model_top_circuits():
@@ -131,6 +131,7 @@ def test_sparse_evaluation_on_the_demo_model_top_circuits():
     data = tokenize(_rows(PromptPairs.from_csv(get_task("ioi").csv.read_bytes()), range(48)), model.tokenizer)
     scores = attribute(model, data, AttributionSpec(method="EAP", batch_size=48))
     fast, hooked = _both_paths(model, data, "patching", batch_size=16)
-    for n in (1, 5, 24, 96, 240, 479):
+    for n in (1, 5, 24, 96, 240, 479):  # 479: the full graph, run through both engines
         circuit = top_n(scores, n)
-        torch.testing.assert_close(fast.evaluate(circuit), hooked.evaluate(circuit), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast.evaluate(circuit, reuse_clean=False), hooked.evaluate(circuit, reuse_clean=False),
+                                   rtol=1e-4, atol=1e-4)

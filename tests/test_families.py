@@ -1,4 +1,4 @@
-"""Model families (issue #5): each verified family, as a tiny random Hugging Face model, against ground truth
+"""Model families: each verified family, as a tiny random Hugging Face model, against ground truth
 computed here with plain forward hooks only (no eapcore.sites, no score or patch machinery):
 
 * EAP score of edge (u, v) = d/dε[u, v] at ε = 0 of the loss of the clean run in which each destination
@@ -8,7 +8,9 @@ computed here with plain forward hooks only (no eapcore.sites, no score or patch
   (a_u(corrupted) − a_u(actual, this run)), patched by hand from node names.
 
 Grouped-query (GQA) and multi-query models are ungrouped on loading (one k/v input per query head, as in
-EAP-IG), which the tests check too. Refused families must fail with a clear UnsupportedModelError.
+EAP-IG), which the tests check too. Refused families must fail with a clear UnsupportedModelError. What the
+registry (eapcore.families) says of each family is checked against its model, and each fast path it claims
+against the general one. Adding a family: its entry in eapcore/families.py and its tiny config here.
 """
 
 from __future__ import annotations
@@ -20,15 +22,13 @@ import pytest
 import torch
 import transformers
 
-from eapcore import fastgrad, sparse
+from eapcore import families
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.circuit import Circuit
 from eapcore.data import tokenize
 from eapcore.evaluate import CircuitEvaluator
 from eapcore.metrics import get_metric, readout
 from eapcore.models import (
-    REFUSED_ARCHITECTURES,
-    VERIFIED_ARCHITECTURES,
     UnsupportedModelError,
     architecture,
     check_model,
@@ -215,8 +215,48 @@ def _sample_edges(graph, n: int, seed: int) -> list[tuple[int, int]]:
 
 # ----- tests -----
 def test_verified_list_is_what_is_tested():
-    assert VERIFIED_ARCHITECTURES == {spec[1] for spec in FAMILIES.values()}
-    assert not VERIFIED_ARCHITECTURES & set(REFUSED_ARCHITECTURES)
+    assert families.verified() == sorted({spec[1] for spec in FAMILIES.values()})
+    assert all(not families.get(spec[1]).verified for spec in REFUSED.values())
+
+
+def test_docs_list_every_family():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "families.md").read_text(encoding="utf-8")
+    assert [name for name in families.FAMILIES if f"`{name}`" not in text] == []
+
+
+def _normalized(x: torch.Tensor, kind: str, module) -> torch.Tensor:
+    """What a norm of ``kind`` (eapcore.families.NORMS) computes, written out."""
+    eps = float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-5)))
+    if kind.startswith("layernorm"):
+        x = x - x.mean(-1, keepdim=True)
+    x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    if kind == "layernorm":
+        return x * module.weight + module.bias
+    if kind == "rmsnorm":
+        return x * module.weight
+    return x * (1 + module.weight) if kind == "rmsnorm-1p" else x
+
+
+def test_the_registry_describes_the_model(family):
+    """Norm kind, attention kind, q/k norms, output scale and parallel attention/MLP, as the entry says."""
+    name, _, model = family
+    entry, hf = families.of(model), model.original_model
+    assert entry is not None and entry.verified and entry.post_norm is None
+    x = torch.randn(2, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for block in model.blocks:
+        for norm in (block.ln1.original_component, block.ln2.original_component):
+            torch.testing.assert_close(norm(x), _normalized(x, entry.norm, norm), rtol=1e-6, atol=1e-6)
+    inner = getattr(hf, "model", None) or getattr(hf, "gpt_neox", None) or hf.transformer
+    assert (getattr(inner, "rotary_emb", None) is not None) == (entry.attention != "plain")
+    if entry.attention != "plain":
+        partial = (getattr(hf.config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        assert (entry.attention == "partial-rotary") == (partial < 1)
+    attn = model.blocks[0].attn.original_component
+    assert (getattr(attn, "q_norm", None) is not None) == entry.qk_norm
+    assert entry.output_scale is None or getattr(hf.config, entry.output_scale) != 1.0
+    assert entry.parallel_attn_mlp(hf.config) == FAMILIES[name][3] == model_graph(model).cfg.parallel_attn_mlp
 
 
 def test_graph_matches_the_config_and_the_count_formula(family):
@@ -325,8 +365,12 @@ def test_full_circuit_is_clean_and_empty_is_corrupted(family, data):
     evaluator = CircuitEvaluator(model, data, batch_size=3)
     base = evaluator.baseline()
     assert abs(base.clean - base.corrupted) > 0.1
-    assert evaluator.evaluate(Circuit.full(evaluator.graph)).mean().item() == pytest.approx(base.clean, abs=1e-5)
+    full = evaluator.evaluate(Circuit.full(evaluator.graph))  # looked up: the cached clean run
+    assert full.mean().item() == pytest.approx(base.clean, abs=1e-5)
     assert evaluator.evaluate(Circuit.empty(evaluator.graph)).mean().item() == pytest.approx(base.corrupted, abs=1e-5)
+    for engine in ["hooked"] + (["sparse"] if families.of(model).sparse else []):  # run through each engine
+        ev = CircuitEvaluator(model, data, batch_size=3, engine=engine)
+        _assert_metrics_equal(ev.evaluate(Circuit.full(ev.graph), reuse_clean=False), full, name)
 
 
 def test_edge_removals_equal_hand_patching(family, data):
@@ -387,54 +431,47 @@ def test_the_generic_check_finds_what_the_list_refuses(name, tmp_path):
 
 
 def test_unverified_families_that_pass_the_check_load_with_a_warning(tmp_path, monkeypatch):
-    import eapcore.models
-
     config_cls, model_cls, kwargs, _, _ = FAMILIES["llama"]
     path = save_with_tiny_tokenizer(tmp_path, _hf_model(config_cls, model_cls, kwargs))
-    monkeypatch.setattr(eapcore.models, "VERIFIED_ARCHITECTURES", frozenset())
+    monkeypatch.delitem(families.FAMILIES, model_cls)
     with pytest.warns(UserWarning, match="not among the verified families"):
         model = load_model(str(path), device="cpu", dtype="float32")
         prepare_model(model)  # a second preparation is harmless: already ungrouped
     assert model.cfg.n_key_value_heads == 4
 
 
-# families whose attention reads a LayerNorm/RMSNorm through plain q/k/v projections (eapcore.fastgrad)
-FAST_PATH = {"gpt2", "pythia", "neox-sequential", "llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "starcoder2",
-             "gpt-bigcode", "granite", "smollm3"}
-
-
-def test_fast_path_gives_the_plain_path_scores(family, data, monkeypatch):
+def test_fast_path_gives_the_plain_path_scores(family, data):
+    """The unsplit backend where the registry claims it gives the split backend's scores; elsewhere asking
+    for it is a clear error and auto takes the split backend."""
     name, _, model = family
-    assert fastgrad.supports(model) == (name in FAST_PATH) == (architecture(model) not in fastgrad.SPLIT_ONLY)
-    spec = AttributionSpec(method="EAP-IG-inputs", ig_steps=3, batch_size=3, metric="kl_div")
-    fast = attribute(model, data, spec).edges
-    monkeypatch.setattr(fastgrad, "supports", lambda model: False)
-    plain = attribute(model, data, spec).edges
+    spec = dict(method="EAP-IG-inputs", ig_steps=3, batch_size=3, metric="kl_div")
+    plain = attribute(model, data, AttributionSpec(**spec, backend="split")).edges
+    if not families.of(model).unsplit:
+        with pytest.raises(ValueError, match=f"cannot run EAP-IG-inputs on {architecture(model)}.*'auto' or 'split'"):
+            attribute(model, data, AttributionSpec(**spec, backend="unsplit"))
+        assert attribute(model, data, AttributionSpec(**spec)).provenance["backend"] == "split"
+        return
+    fast = attribute(model, data, AttributionSpec(**spec))
+    assert fast.provenance["backend"] == "unsplit"
     # 1e-5, not 1e-12: some norms compute in float32 even in a float64 model
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-7 * float(plain.abs().max()))
+    torch.testing.assert_close(fast.edges, plain, rtol=1e-5, atol=1e-7 * float(plain.abs().max()))
 
 
-# families whose circuits eapcore.sparse evaluates node by node (the others take the hooked forward pass)
-SPARSE_EVALUATION = {"gpt2", "pythia", "neox-sequential", "llama", "mistral", "qwen2", "qwen3"}
-
-
-def test_sparse_evaluation_equals_the_hooked_pass(family, data, monkeypatch):
+def test_sparse_evaluation_equals_the_hooked_pass(family, data):
     name, path, model = family
-    assert sparse.supports(model, data.data.clean.shape[1]) == (name in SPARSE_EVALUATION)
-    if name not in SPARSE_EVALUATION:
+    hooked = CircuitEvaluator(model, data, batch_size=3, engine="hooked")
+    if not families.of(model).sparse:
+        with pytest.raises(ValueError, match=f"sparse engine cannot evaluate circuits of {architecture(model)}"):
+            CircuitEvaluator(model, data, engine="sparse")
+        assert CircuitEvaluator(model, data).engine == "hooked"
         return
     fast = CircuitEvaluator(model, data, batch_size=3)
+    assert fast.engine == "sparse"
     # the whole graph computed node by node is Hugging Face's own forward pass
     hf = getattr(transformers, FAMILIES[name][1]).from_pretrained(path, dtype=torch.float64, attn_implementation="eager")
-    for p in fast._prepared():
-        with torch.no_grad():
-            expected = readout(hf.eval()(p.batch.clean).logits, p.batch.lengths)
-        torch.testing.assert_close(p.runner.readout(fast.graph.real_edge_mask), expected, rtol=1e-9, atol=1e-9)
-    hooked = CircuitEvaluator(model, data, batch_size=3)
-    monkeypatch.setattr(sparse, "supports", lambda model, n_pos=0: False)
-    hooked._prepared()
-    monkeypatch.undo()
-    assert fast._prepared()[0].runner is not None and hooked._prepared()[0].runner is None
+    with torch.no_grad():
+        expected = torch.cat([readout(hf.eval()(b.clean).logits, b.lengths) for b in data.batches(3)])
+    torch.testing.assert_close(fast.logits(Circuit.full(fast.graph), reuse_clean=False), expected, rtol=1e-9, atol=1e-9)
     graph, gen = fast.graph, torch.Generator().manual_seed(0)
     tol = max(1e-9, BRIDGE_NOISE.get(name, 0.0))
     for density in (0.0, 0.05, 0.2, 0.5, 0.9):

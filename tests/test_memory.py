@@ -15,7 +15,8 @@ from eapcore.attribute import AttributionSpec
 from eapcore.cli import main
 from eapcore.data import PromptPairs, tokenize
 from eapcore.evaluate import CircuitEvaluator
-from eapcore.interventions import make_intervention, row_windows
+from eapcore.interventions import make_intervention
+from eapcore.recording import row_windows
 from eapcore.memory import (
     CPU_RUNTIME_BYTES,
     ModelShape,

@@ -159,7 +159,7 @@ def test_information_flow_routes_match_direct_computation(tiny64, hf64, data):
         for batch in data.batches(1):
             _, outs, inputs = forward(hf64, graph, batch.clean)
             for col, h in inputs.items():
-                prev = int(graph.prev_index[col])
+                prev = int(graph.n_sources[col])
                 x = torch.stack(outs[:prev])  # [prev 1 pos d]
                 prox = (h.abs().sum(-1) - (h - x).abs().sum(-1)).clamp_min(0)
                 prox = torch.nan_to_num(prox / prox.sum(0, keepdim=True))  # all-zero proximity: 0
@@ -195,7 +195,7 @@ def test_chunked_buffer_gives_the_same_scores(method, level, tiny64, data):
 
 
 def test_row_windows_cover_the_rows_once(tiny64):
-    from eapcore.interventions import row_windows
+    from eapcore.recording import row_windows
 
     graph = model_graph(tiny64)
     for chunks in range(1, 6):

@@ -1,0 +1,162 @@
+"""Model families: one entry per Hugging Face architecture, verified or refused, and what it is made of.
+
+An entry says whether eapcore runs the architecture (``refused`` is None) or refuses it and why, and
+describes what the engine needs to know about it: the norm before attention and MLP (:data:`NORMS`),
+the attention (:data:`ATTENTIONS`, per-head q/k norms), a config multiplier that scales every
+attention and MLP output (``output_scale``), whether attention and MLP run in parallel, any norm
+applied to sub-layer outputs before they join the residual stream (``post_norm``), and which fast
+paths run it: ``unsplit`` gradient passes (:mod:`eapcore.fastgrad`) and ``sparse`` circuit evaluation
+(:mod:`eapcore.sparse`). :mod:`eapcore.backends` turns the fast paths into the choice of backend;
+:mod:`eapcore.models` refuses and warns from it. Adding a family is one entry here plus its tiny
+config in ``tests/test_families.py`` (docs/architecture.md, "How to add a family").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+NORMS = {
+    "layernorm": "LayerNorm, (x − μ)/σ · γ + β",
+    "layernorm-free": "LayerNorm without weight or bias (OLMo), (x − μ)/σ",
+    "rmsnorm": "RMSNorm, x/rms(x) · γ",
+    "rmsnorm-1p": "Gemma's RMSNorm, x/rms(x) · (1 + γ)",
+}
+ATTENTIONS = {
+    "plain": "scaled dot-product attention, positions from a learned embedding",
+    "rotary": "rotary position embedding on all of q and k",
+    "partial-rotary": "rotary position embedding on the first part of q and k (GPT-NeoX's rotary_pct)",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture. ``norm`` and ``attention`` name entries of :data:`NORMS` and :data:`ATTENTIONS`;
+    ``parallel``: None (attention, then MLP), ``"always"``, or the config flag that decides (GPT-NeoX);
+    ``output_scale``: the config attribute that multiplies each sub-layer output (Granite); ``post_norm``:
+    the norm kind applied to each attention and MLP output before it is added (Gemma-2); ``sparse_config``:
+    config values that sparse evaluation requires (an allow-list); ``exercises``: what its test model covers."""
+
+    architecture: str
+    label: str
+    norm: str | None = None
+    attention: str | None = None
+    qk_norm: bool = False
+    output_scale: str | None = None
+    parallel: str | None = None
+    post_norm: str | None = None
+    unsplit: bool = False
+    sparse: bool = False
+    sparse_config: tuple[tuple[str, Any], ...] = ()
+    refused: str | None = None
+    exercises: str = ""
+
+    def __post_init__(self) -> None:
+        for kind, table in ((self.norm, NORMS), (self.post_norm, NORMS), (self.attention, ATTENTIONS)):
+            if kind is not None and kind not in table:
+                raise ValueError(f"{self.architecture}: unknown kind {kind!r}; known: {', '.join(table)}")
+        if self.refused is None and (self.norm is None or self.attention is None):
+            raise ValueError(f"{self.architecture}: a verified family states its norm and attention")
+
+    @property
+    def verified(self) -> bool:
+        return self.refused is None
+
+    def parallel_attn_mlp(self, config: Any) -> bool:
+        """Whether a model with this Hugging Face ``config`` runs attention and MLP in parallel."""
+        if self.parallel is None or self.parallel == "always":
+            return self.parallel == "always"
+        return bool(getattr(config, self.parallel))
+
+    def sparse_mismatch(self, config: Any) -> str | None:
+        """The first config value that sparse evaluation does not handle, as text; None if all fit."""
+        for name, value in self.sparse_config:
+            if getattr(config, name, None) != value:
+                return f"{name}={getattr(config, name, None)!r} (sparse evaluation handles {value!r})"
+        return None
+
+
+_POST_NORM = (
+    "normalizes each attention and MLP output before adding it to the residual stream (post-sublayer "
+    "norms), so the residual stream is not the sum of the per-head and MLP outputs and an edge has no "
+    "exact meaning"
+)
+_SHARED_NORM = (
+    "runs attention and MLP in parallel from one shared input norm; TransformerLens 4.3's bridge then "
+    "has no separate MLP-input hook (hook_mlp_in never fires), so MLP input edges cannot be patched"
+)
+_NO_RESULT = (
+    "uses an attention bridge without per-head results (use_attn_result) or split q/k/v inputs in "
+    "TransformerLens 4.3"
+)
+_LLAMA = dict(norm="rmsnorm", attention="rotary", unsplit=True)
+
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (
+    # Verified: checked against independent computations on tiny random configs (tests/test_families.py)
+    Family("GPT2LMHeadModel", "GPT-2", "layernorm", "plain", unsplit=True, sparse=True,
+           sparse_config=(("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                          ("reorder_and_upcast_attn", False)),
+           exercises="learned positions, LayerNorm, biases (also checked against a hook-free forward in "
+                     "`tests/test_attribute.py`)"),
+    Family("GPTNeoXForCausalLM", "Pythia / GPT-NeoX", "layernorm", "partial-rotary", parallel="use_parallel_residual",
+           unsplit=True, sparse=True,
+           exercises="parallel attention and MLP (an MLP does not read its own layer's heads), partial rotary; "
+                     "also the sequential variant"),
+    Family("LlamaForCausalLM", "Llama", **_LLAMA, sparse=True,
+           exercises="RMSNorm, rotary, gated MLP, GQA (4 heads, 2 key/value heads)"),
+    Family("MistralForCausalLM", "Mistral", **_LLAMA, sparse=True, exercises="as Llama"),
+    Family("Qwen2ForCausalLM", "Qwen2 / Qwen2.5", **_LLAMA, sparse=True, exercises="GQA with q/k/v biases"),
+    Family("Qwen3ForCausalLM", "Qwen3", **_LLAMA, qk_norm=True, sparse=True, exercises="GQA with per-head q/k norms"),
+    Family("GemmaForCausalLM", "Gemma (1)", "rmsnorm-1p", "rotary",
+           exercises="multi-query attention (1 key/value head), scaled embeddings, `1 + w` RMSNorm"),
+    Family("Phi3ForCausalLM", "Phi-3", **_LLAMA, exercises="fused qkv projection with GQA"),
+    Family("OlmoForCausalLM", "OLMo (1)", "layernorm-free", "rotary", unsplit=True, exercises="non-parametric LayerNorm"),
+    Family("Starcoder2ForCausalLM", "StarCoder2", "layernorm", "rotary", unsplit=True, exercises="LayerNorm, biases, GQA"),
+    Family("GPTBigCodeForCausalLM", "GPT-BigCode / SantaCoder", "layernorm", "plain", unsplit=True,
+           exercises="fused qkv, multi-query attention"),
+    Family("GraniteForCausalLM", "Granite", **_LLAMA, output_scale="residual_multiplier",
+           exercises="embedding and residual multipliers (the bridge folds them into the hooked outputs)"),
+    Family("SmolLM3ForCausalLM", "SmolLM3", **_LLAMA, exercises="GQA, layers without rotary"),
+    # Refused: checked with tiny random configs (tests/test_families.py checks a representative subset)
+    Family("Gemma2ForCausalLM", "Gemma-2", post_norm="rmsnorm-1p", refused=_POST_NORM),
+    Family("Gemma3ForCausalLM", "Gemma-3", post_norm="rmsnorm-1p", refused=_POST_NORM),
+    Family("Gemma3ForConditionalGeneration", "Gemma-3 (multimodal)", post_norm="rmsnorm-1p", refused=_POST_NORM),
+    Family("Olmo2ForCausalLM", "OLMo-2", post_norm="rmsnorm", refused=_POST_NORM),
+    Family("Olmo3ForCausalLM", "OLMo-3", post_norm="rmsnorm", refused=_POST_NORM),
+    Family("PhiForCausalLM", "Phi (1, 1.5, 2)", refused=_SHARED_NORM),
+    Family("FalconForCausalLM", "Falcon", refused=_SHARED_NORM),
+    Family("CohereForCausalLM", "Cohere", refused=_SHARED_NORM),
+    Family("GPTJForCausalLM", "GPT-J", refused=_NO_RESULT),
+    Family("OPTForCausalLM", "OPT", refused=_NO_RESULT),
+    Family("GPTNeoForCausalLM", "GPT-Neo", refused=_NO_RESULT),
+    Family("BloomForCausalLM", "BLOOM",
+           refused="never fires hook_mlp_in with the EAP flags on in TransformerLens 4.3 (Bloom block bridge)"),
+    Family("MptForCausalLM", "MPT",
+           refused="never fires the split q/k/v input hooks in TransformerLens 4.3 (ALiBi attention bridge)"),
+    Family("StableLmForCausalLM", "StableLM",
+           refused="is computed differently by TransformerLens 4.3's bridge than by Hugging Face (logits differ by "
+                   "~0.6 on a tiny random model, even without the EAP hook flags)"),
+)}
+
+
+def get(architecture_name: str) -> Family | None:
+    """The entry of an architecture (e.g. ``LlamaForCausalLM``); None for one eapcore has not looked at."""
+    return FAMILIES.get(architecture_name)
+
+
+def verified() -> list[str]:
+    """Architectures eapcore runs and has verified, sorted."""
+    return sorted(name for name, f in FAMILIES.items() if f.verified)
+
+
+def architecture(model: Any) -> str:
+    """The Hugging Face architecture name of a bridge, e.g. ``LlamaForCausalLM``."""
+    name = getattr(model.cfg, "architecture", None)
+    if not name and getattr(model, "original_model", None) is not None:
+        name = type(model.original_model).__name__
+    return str(name or "unknown")
+
+
+def of(model: Any) -> Family | None:
+    """The entry of a loaded model's architecture."""
+    return get(architecture(model))
