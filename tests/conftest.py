@@ -14,6 +14,15 @@ torch.set_num_threads(1)  # the test models are tiny: threads only add contentio
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip themselves where there is no CUDA device."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
 def tiny_tokenizer():
     """The word-level tokenizer of the tiny models: ``<|endoftext|>`` (BOS/EOS, id 0), ``<unk>``, ``<pad>``, a-l."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -78,6 +78,7 @@ def _torchrun(args: list[str], env: dict, timeout: float = 240) -> subprocess.Co
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tiny32, tiny_dir, seven_csv, tmp_path):
     """``torchrun --nproc-per-node 2 -m eapcore attribute`` (gloo on CPU, 4 + 3 pairs) writes the same scores as one
     process (the same model folder, float32); rank 0 alone writes and prints; the other rank stays quiet."""
@@ -98,6 +99,7 @@ def test_two_gloo_processes_match_one_process(tiny32, tiny_dir, seven_csv, tmp_p
     assert wrote == [f"wrote {tmp_path / 'two.pt'}: {single.graph.n_edges} edges scored on 7 pairs by 2 processes"]
 
 
+@pytest.mark.slow
 def test_torchrun_errors_are_one_line_per_rank_and_nonzero(tiny_dir, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("clean,corrupted\na,b\n")

@@ -97,6 +97,7 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_estimate_is_within_20_percent_of_measured_peak(tmp_path):
     """Peak resident memory added by an attribution run, measured in a fresh process after loading the model,
