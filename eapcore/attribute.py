@@ -26,7 +26,7 @@ from eapcore.interventions import INTERVENTIONS, Intervention, make_intervention
 from eapcore.memory import out_of_memory
 from eapcore.methods import LEVELS, METHODS, get_method
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
-from eapcore.models import model_device, model_dtype, model_graph, model_lock
+from eapcore.models import frozen, model_device, model_dtype, model_graph, model_lock
 from eapcore.recording import record_sources, row_windows, source_outputs
 from eapcore.sites import destinations, per_column
 
@@ -93,12 +93,13 @@ def attribute(
     reference: TokenizedPairs | None = None,
 ) -> Scores:
     """Score ``model``'s graph on ``data``. ``metric`` overrides ``spec.metric``; ``reference`` is the
-    dataset the mean interventions average over (default: ``data``)."""
+    dataset the mean interventions average over (default: ``data``). The model's weights are frozen for
+    the duration (their ``requires_grad`` is restored after)."""
     metric = get_metric(metric if metric is not None else spec.metric)
     graph = model_graph(model)
     backend = attribution_backend(spec.method, spec.level, architecture(model), spec.backend, model,
                                   int(data.data.lengths.max()))
-    with model_lock(model):
+    with model_lock(model), frozen(model):
         try:
             if get_method(spec.method).runner == "removal":
                 result = _exact(model, graph, data, spec, metric, progress, reference)

@@ -2,10 +2,11 @@
 
 One place (:func:`prepare_model`) sets the EAP hook flags (per-head results, split q/k/v inputs,
 MLP-input hook), ungroups grouped-query attention so that every query head has its own k and v input
-(:func:`ungroup_kv_heads`, the EAP-IG convention), freezes the weights, refuses architectures that do
-not fit the graph (:class:`UnsupportedModelError`, :func:`check_model`; the registry
-:mod:`eapcore.families`), and maps the model onto a :class:`~eapcore.graph.Graph`. Supported and
-refused families: docs/families.md.
+(:func:`ungroup_kv_heads`, the EAP-IG convention), refuses architectures that do not fit the graph
+(:class:`UnsupportedModelError`, :func:`check_model`; the registry :mod:`eapcore.families`), and maps
+the model onto a :class:`~eapcore.graph.Graph`. The weights keep ``requires_grad``: eapcore freezes them
+only for the duration of its own passes (:func:`frozen`), so TransformerLens's own tools (e.g.
+``attribution_patch``) work on a loaded model as it is. Supported and refused families: docs/families.md.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import socket
 import threading
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -87,7 +89,7 @@ def resolve_source(name: str) -> str:
 
 
 def load_model(spec: ModelSpec | str = "demo", device: str | None = None, dtype: str | None = None) -> Any:
-    """Load ``spec`` (a :class:`ModelSpec` or a name) as a frozen, EAP-ready ``TransformerBridge``."""
+    """Load ``spec`` (a :class:`ModelSpec` or a name) as an EAP-ready ``TransformerBridge`` in eval mode."""
     if isinstance(spec, str):
         spec = ModelSpec(spec, device, dtype or "float32")
     source = resolve_source(spec.name)
@@ -126,7 +128,7 @@ def prepare_model(model: Any, check: bool = True) -> Any:
     """Make a ``TransformerBridge`` EAP-ready in place and return it.
 
     Sets the EAP hook flags (per-head results, split q/k/v inputs, MLP-input hook), ungroups grouped-
-    query attention (:func:`ungroup_kv_heads`), freezes the weights and switches to eval mode. Refuses families that
+    query attention (:func:`ungroup_kv_heads`) and switches to eval mode. Refuses families that
     :mod:`eapcore.families` lists as refused with :class:`UnsupportedModelError`; with ``check`` (the
     default) it then runs :func:`check_model` on a short probe input, which refuses any other
     architecture whose hooks do not fire, whose residual stream is not the sum of the graph's source
@@ -136,8 +138,6 @@ def prepare_model(model: Any, check: bool = True) -> Any:
     family = families.of(model)
     if family is not None and not family.verified:
         raise _refuse(model, family.refused)
-    for p in model.parameters():
-        p.requires_grad_(False)
     model.eval()
     tokens = _probe_tokens(model)
     with torch.no_grad():
@@ -194,10 +194,12 @@ def ungroup_kv_heads(model: Any) -> None:
             with torch.no_grad():
                 linear.weight = torch.nn.Parameter(
                     weight.reshape(n_kv, d_head, -1).repeat_interleave(rep, 0).reshape(n_heads * d_head, -1),
-                    requires_grad=False,
+                    requires_grad=weight.requires_grad,
                 )
                 if getattr(linear, "bias", None) is not None:
-                    linear.bias = torch.nn.Parameter(linear.bias.reshape(n_kv, d_head).repeat_interleave(rep, 0).flatten(), requires_grad=False)
+                    bias = linear.bias
+                    linear.bias = torch.nn.Parameter(bias.reshape(n_kv, d_head).repeat_interleave(rep, 0).flatten(),
+                                                     requires_grad=bias.requires_grad)
             if hasattr(linear, "out_features"):
                 linear.out_features = n_heads * d_head
             shared = shared or (hf_attn is not None and any(m is linear for m in hf_attn.modules()))
@@ -318,6 +320,20 @@ def model_dtype(model: Any) -> torch.dtype:
 
 def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextmanager
+def frozen(model: Any) -> Iterator[None]:
+    """The weights do not require gradients for the duration (so backward passes compute only the
+    activation gradients eapcore reads); each weight's own ``requires_grad`` comes back after."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 _LOCKS: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()

@@ -104,8 +104,13 @@ def test_example_scores_do_not_depend_on_padding(tiny64, pairs):
 
 
 def test_weights_get_no_gradients(tiny64, pairs):
-    attribute(tiny64, tokenize(pairs, tiny64.tokenizer), AttributionSpec(method="EAP"))
-    assert all(p.grad is None and not p.requires_grad for p in tiny64.parameters())
+    """The weights are frozen only while eapcore attributes: they keep requires_grad (so other tools can
+    differentiate them) and get no gradient."""
+    assert all(p.requires_grad for p in tiny64.parameters())
+    for method in ("EAP", "EAP-IG-activations"):
+        for backend in ("auto", "split"):
+            attribute(tiny64, tokenize(pairs, tiny64.tokenizer), AttributionSpec(method=method, backend=backend))
+    assert all(p.grad is None and p.requires_grad for p in tiny64.parameters())
 
 
 def test_progress_reports_every_pass(tiny64, pairs):
