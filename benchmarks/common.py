@@ -80,7 +80,8 @@ def model_folder(name: str) -> Iterator[Path]:
 
 
 def load_pair(folder: Path, device: str, dtype: str) -> tuple[Any, Any]:
-    """(raw Hugging Face model, eapcore bridge) on the same weights, both frozen and in eval mode."""
+    """(raw Hugging Face model, eapcore bridge) on the same weights, in eval mode; the raw model frozen (eapcore
+    freezes the bridge inside attribute())."""
     from transformers import AutoModelForCausalLM
 
     from eapcore.models import DTYPES, ModelSpec, load_model
