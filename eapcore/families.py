@@ -31,13 +31,14 @@ ATTENTIONS = {
 
 @dataclass(frozen=True)
 class Family:
-    """One architecture. ``norm`` and ``attention`` name entries of :data:`NORMS` and :data:`ATTENTIONS`;
+    """One architecture (``model_type``: its config's). ``norm`` and ``attention`` name entries of :data:`NORMS` and :data:`ATTENTIONS`;
     ``parallel``: None (attention, then MLP), ``"always"``, or the config flag that decides (GPT-NeoX);
     ``output_scale``: the config attribute that multiplies each sub-layer output (Granite); ``post_norm``:
     the norm kind applied to each attention and MLP output before it is added (Gemma-2); ``sparse_config``:
     config values that sparse evaluation requires (an allow-list); ``exercises``: what its test model covers."""
 
     architecture: str
+    model_type: str
     label: str
     norm: str | None = None
     attention: str | None = None
@@ -93,47 +94,50 @@ _LLAMA = dict(norm="rmsnorm", attention="rotary", unsplit=True)
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     # Verified: checked against independent computations on tiny random configs (tests/test_families.py)
-    Family("GPT2LMHeadModel", "GPT-2", "layernorm", "plain", unsplit=True, sparse=True,
+    Family("GPT2LMHeadModel", "gpt2", "GPT-2", "layernorm", "plain", unsplit=True, sparse=True,
            sparse_config=(("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                           ("reorder_and_upcast_attn", False)),
            exercises="learned positions, LayerNorm, biases (also checked against a hook-free forward in "
                      "`tests/test_attribute.py`)"),
-    Family("GPTNeoXForCausalLM", "Pythia / GPT-NeoX", "layernorm", "partial-rotary", parallel="use_parallel_residual",
+    Family("GPTNeoXForCausalLM", "gpt_neox", "Pythia / GPT-NeoX", "layernorm", "partial-rotary", parallel="use_parallel_residual",
            unsplit=True, sparse=True,
            exercises="parallel attention and MLP (an MLP does not read its own layer's heads), partial rotary; "
                      "also the sequential variant"),
-    Family("LlamaForCausalLM", "Llama", **_LLAMA, sparse=True,
+    Family("LlamaForCausalLM", "llama", "Llama", **_LLAMA, sparse=True,
            exercises="RMSNorm, rotary, gated MLP, GQA (4 heads, 2 key/value heads)"),
-    Family("MistralForCausalLM", "Mistral", **_LLAMA, sparse=True, exercises="as Llama"),
-    Family("Qwen2ForCausalLM", "Qwen2 / Qwen2.5", **_LLAMA, sparse=True, exercises="GQA with q/k/v biases"),
-    Family("Qwen3ForCausalLM", "Qwen3", **_LLAMA, qk_norm=True, sparse=True, exercises="GQA with per-head q/k norms"),
-    Family("GemmaForCausalLM", "Gemma (1)", "rmsnorm-1p", "rotary",
+    Family("MistralForCausalLM", "mistral", "Mistral", **_LLAMA, sparse=True, exercises="as Llama"),
+    Family("Qwen2ForCausalLM", "qwen2", "Qwen2 / Qwen2.5", **_LLAMA, sparse=True, exercises="GQA with q/k/v biases"),
+    Family("Qwen3ForCausalLM", "qwen3", "Qwen3", **_LLAMA, qk_norm=True, sparse=True, exercises="GQA with per-head q/k norms"),
+    Family("GemmaForCausalLM", "gemma", "Gemma (1)", "rmsnorm-1p", "rotary",
            exercises="multi-query attention (1 key/value head), scaled embeddings, `1 + w` RMSNorm"),
-    Family("Phi3ForCausalLM", "Phi-3", **_LLAMA, exercises="fused qkv projection with GQA"),
-    Family("OlmoForCausalLM", "OLMo (1)", "layernorm-free", "rotary", unsplit=True, exercises="non-parametric LayerNorm"),
-    Family("Starcoder2ForCausalLM", "StarCoder2", "layernorm", "rotary", unsplit=True, exercises="LayerNorm, biases, GQA"),
-    Family("GPTBigCodeForCausalLM", "GPT-BigCode / SantaCoder", "layernorm", "plain", unsplit=True,
+    Family("Phi3ForCausalLM", "phi3", "Phi-3", **_LLAMA, exercises="fused qkv projection with GQA"),
+    Family("OlmoForCausalLM", "olmo", "OLMo (1)", "layernorm-free", "rotary", unsplit=True, exercises="non-parametric LayerNorm"),
+    Family("Starcoder2ForCausalLM", "starcoder2", "StarCoder2", "layernorm", "rotary", unsplit=True, exercises="LayerNorm, biases, GQA"),
+    Family("GPTBigCodeForCausalLM", "gpt_bigcode", "GPT-BigCode / SantaCoder", "layernorm", "plain", unsplit=True,
            exercises="fused qkv, multi-query attention"),
-    Family("GraniteForCausalLM", "Granite", **_LLAMA, output_scale="residual_multiplier",
+    Family("GraniteForCausalLM", "granite", "Granite", **_LLAMA, output_scale="residual_multiplier",
            exercises="embedding and residual multipliers (the bridge folds them into the hooked outputs)"),
-    Family("SmolLM3ForCausalLM", "SmolLM3", **_LLAMA, exercises="GQA, layers without rotary"),
+    Family("SmolLM3ForCausalLM", "smollm3", "SmolLM3", **_LLAMA, exercises="GQA, layers without rotary"),
     # Refused: checked with tiny random configs (tests/test_families.py checks a representative subset)
-    Family("Gemma2ForCausalLM", "Gemma-2", post_norm="rmsnorm-1p", refused=_POST_NORM),
-    Family("Gemma3ForCausalLM", "Gemma-3", post_norm="rmsnorm-1p", refused=_POST_NORM),
-    Family("Gemma3ForConditionalGeneration", "Gemma-3 (multimodal)", post_norm="rmsnorm-1p", refused=_POST_NORM),
-    Family("Olmo2ForCausalLM", "OLMo-2", post_norm="rmsnorm", refused=_POST_NORM),
-    Family("Olmo3ForCausalLM", "OLMo-3", post_norm="rmsnorm", refused=_POST_NORM),
-    Family("PhiForCausalLM", "Phi (1, 1.5, 2)", refused=_SHARED_NORM),
-    Family("FalconForCausalLM", "Falcon", refused=_SHARED_NORM),
-    Family("CohereForCausalLM", "Cohere", refused=_SHARED_NORM),
-    Family("GPTJForCausalLM", "GPT-J", refused=_NO_RESULT),
-    Family("OPTForCausalLM", "OPT", refused=_NO_RESULT),
-    Family("GPTNeoForCausalLM", "GPT-Neo", refused=_NO_RESULT),
-    Family("BloomForCausalLM", "BLOOM",
+    Family("Gemma2ForCausalLM", "gemma2", "Gemma-2", post_norm="rmsnorm-1p", refused=_POST_NORM),
+    Family("Gemma3ForCausalLM", "gemma3_text", "Gemma-3", post_norm="rmsnorm-1p", refused=_POST_NORM),
+    Family("Gemma3ForConditionalGeneration", "gemma3", "Gemma-3 (multimodal)", post_norm="rmsnorm-1p", refused=_POST_NORM),
+    Family("Olmo2ForCausalLM", "olmo2", "OLMo-2", post_norm="rmsnorm", refused=_POST_NORM),
+    Family("Olmo3ForCausalLM", "olmo3", "OLMo-3", post_norm="rmsnorm", refused=_POST_NORM),
+    Family("PhiForCausalLM", "phi", "Phi (1, 1.5, 2)", parallel="always", refused=_SHARED_NORM),
+    Family("FalconForCausalLM", "falcon", "Falcon", parallel="parallel_attn", refused=_SHARED_NORM),
+    Family("CohereForCausalLM", "cohere", "Cohere", parallel="always", refused=_SHARED_NORM),
+    Family("Cohere2ForCausalLM", "cohere2", "Cohere-2", parallel="always", refused=_SHARED_NORM),
+    Family("GPTJForCausalLM", "gptj", "GPT-J", parallel="always", refused=_NO_RESULT),
+    Family("OPTForCausalLM", "opt", "OPT", refused=_NO_RESULT),
+    Family("GPTNeoForCausalLM", "gpt_neo", "GPT-Neo", refused=_NO_RESULT),
+    Family("BloomForCausalLM", "bloom", "BLOOM",
            refused="never fires hook_mlp_in with the EAP flags on in TransformerLens 4.3 (Bloom block bridge)"),
-    Family("MptForCausalLM", "MPT",
+    Family("MptForCausalLM", "mpt", "MPT",
            refused="never fires the split q/k/v input hooks in TransformerLens 4.3 (ALiBi attention bridge)"),
-    Family("StableLmForCausalLM", "StableLM",
+    Family("CodeGenForCausalLM", "codegen", "CodeGen", parallel="always",
+           refused="cannot be run by TransformerLens 4.3's bridge (its CodeGen attention bridge fails in the forward pass)"),
+    Family("StableLmForCausalLM", "stablelm", "StableLM",
            refused="is computed differently by TransformerLens 4.3's bridge than by Hugging Face (logits differ by "
                    "~0.6 on a tiny random model, even without the EAP hook flags)"),
 )}
@@ -142,6 +146,12 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
 def get(architecture_name: str) -> Family | None:
     """The entry of an architecture (e.g. ``LlamaForCausalLM``); None for one eapcore has not looked at."""
     return FAMILIES.get(architecture_name)
+
+
+def parallel_by_default(model_type: str) -> bool:
+    """Whether models of this config ``model_type`` run attention and MLP in parallel unless a config flag
+    says otherwise (:meth:`Family.parallel_attn_mlp` reads the flag)."""
+    return any(f.model_type == model_type and f.parallel is not None for f in FAMILIES.values())
 
 
 def verified() -> list[str]:

@@ -13,12 +13,9 @@ from functools import cached_property
 
 import torch
 
+from eapcore import families
+
 QKV = ("q", "k", "v")
-
-
-# Families (Hugging Face model_type) whose attention and MLP run in parallel unless the config has a flag saying
-# otherwise: GPT-NeoX's use_parallel_residual and Falcon's parallel_attn default to True, the others always are.
-PARALLEL_FAMILIES = frozenset({"gpt_neox", "falcon", "gptj", "codegen", "phi", "cohere", "cohere2"})
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,7 @@ class GraphConfig:
         """The graph of a model from its Hugging Face ``config.json`` (no weights). Grouped-query attention is
         ungrouped: the graph has one k and one v input per *query* head, so key/value heads do not count.
         Attention and MLP are parallel when the config says so (``use_parallel_residual``, ``parallel_attn``)
-        or the family always is (:data:`PARALLEL_FAMILIES`)."""
+        or the family is by default (its ``parallel`` in :mod:`eapcore.families`)."""
         cfg = config.get("text_config") or config  # multimodal configs nest the language model's
 
         def value(what: str, keys: tuple[str, ...]) -> int:
@@ -57,7 +54,7 @@ class GraphConfig:
             return cfg[found]
 
         model_type = str(cfg.get("model_type", ""))
-        parallel = model_type in PARALLEL_FAMILIES
+        parallel = families.parallel_by_default(model_type)
         for key in ("use_parallel_residual", "parallel_attn", "parallel_attn_mlp"):
             if isinstance(cfg.get(key), bool):
                 parallel = cfg[key]

@@ -78,6 +78,8 @@ REFUSED = {
     "phi": ("PhiConfig", "PhiForCausalLM", BASE, "hook_mlp_in never fires"),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(BASE, ffn_dim=32, word_embed_proj_dim=16), "per-head results"),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", GQA, "differ"),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM",
+                dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_positions=32, rotary_dim=4, **TOKENS), "bridge"),
 }
 
 
