@@ -40,8 +40,9 @@ def check_backend(method: Method, level: str, requested: str) -> None:
         if not method.backends:
             raise ValueError(f"{method.name} runs circuit evaluations, whose engine the evaluator picks; "
                              f"use backend='auto', not {requested!r}")
-        raise ValueError(f"{method.name} runs on the {' or '.join(method.backends)} backend, not {requested!r}; "
-                         f"use backend='auto'")
+        only = " only" if len(method.backends) == 1 else ""
+        raise ValueError(f"{method.name} runs on the {' or '.join(method.backends)} backend{only}, not {requested!r}; "
+                         f"use backend={' or '.join(map(repr, ['auto', *method.backends]))}")
     if level not in BACKENDS[requested]:
         others = [b for b in method.backends if level in BACKENDS[b]]
         raise ValueError(f"the {requested} backend scores {' and '.join(BACKENDS[requested])}s only, not {level}s; "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -160,3 +162,23 @@ def test_fast_path_equals_the_plain_path(method, intervention, chunks, tiny64, p
     assert plain.abs().max() > 1e-3
     torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)
     assert fast_calls == plain_calls
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backend": "fast"}, "unknown backend 'fast'; choose auto, unsplit or split"),
+    ({"backend": "unsplit", "level": "node"}, "the unsplit backend scores edges only, not nodes; use backend='auto' or 'split'"),
+    ({"backend": "unsplit", "method": "EAP-IG-activations"}, "EAP-IG-activations runs on the split backend only"),
+    ({"backend": "split", "method": "exact"}, "exact runs circuit evaluations"),
+])
+def test_backends_that_cannot_run_are_refused_with_the_alternatives(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AttributionSpec(**kwargs)
+
+
+def test_the_backend_that_ran_is_recorded(tiny64, pairs):
+    data = tokenize(pairs, tiny64.tokenizer)
+    ran = {(method, level): attribute(tiny64, data, AttributionSpec(method=method, level=level, ig_steps=2)).provenance["backend"]
+           for method, level in [("EAP", "edge"), ("EAP", "node"), ("EAP-IG-activations", "edge"),
+                                 ("information-flow-routes", "edge"), ("exact", "node")]}
+    assert ran == {("EAP", "edge"): "unsplit", ("EAP", "node"): "split", ("EAP-IG-activations", "edge"): "split",
+                   ("information-flow-routes", "edge"): "split", ("exact", "node"): "sparse"}

@@ -135,3 +135,8 @@ def test_sparse_evaluation_on_the_demo_model_top_circuits():
         circuit = top_n(scores, n)
         torch.testing.assert_close(fast.evaluate(circuit, reuse_clean=False), hooked.evaluate(circuit, reuse_clean=False),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_engine_is_refused(tiny64, pairs):
+    with pytest.raises(ValueError, match="unknown engine 'fast'; choose auto, sparse or hooked"):
+        CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), engine="fast")
