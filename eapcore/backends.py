@@ -67,7 +67,7 @@ def attribution_backend(method: str, level: str, architecture: str, requested: s
         return next(b for b, ok in fits.items() if ok)
     if not fits[requested]:
         why = ("it is not a verified family (docs/families.md)" if family is None else
-               f"eapcore.fastgrad does not rebuild its norm ({families.NORMS[family.norm]})")
+               f"its entry in eapcore/families.py has no unsplit backend (its norm: {families.NORMS[family.norm]})")
         others = [b for b, ok in fits.items() if ok]
         raise ValueError(f"the {requested} backend cannot run {method} on {architecture}: {why}; use "
                          f"backend={' or '.join(map(repr, ['auto', *others]))}")

@@ -273,10 +273,10 @@ def attribution_estimate(
         return evaluation_estimate(shape, batches, dtype, device, n_devices, f"{method} scoring", allocator_slack)
     B, P = _peak_batch(batches, shape)
     parts, notes = _common(shape, dtype, device, n_devices)
+    unsplit = m.memory == "gradients" and attribution_backend(method, level, shape.architecture, backend) == "unsplit"
     if m.memory == "clean run":
         parts += _clean_run_parts(shape, B, P, _bytes(dtype))
     else:
-        unsplit = attribution_backend(method, level, shape.architecture, backend) == "unsplit"
         parts += _gradient_parts(shape, B, P, _bytes(dtype), _window_rows(shape, chunks), chunks,
                                  len(m.alphas(ig_steps)) if unsplit else None)
     acc_bytes = 8 if dtype == "float64" else 4
@@ -285,7 +285,6 @@ def attribution_estimate(
     parts.append(Part("score accumulators", scores, "n_forward·n_backward (+ n_forward·d_model) in float32"))
     notes.append(f"largest batch: {B} prompts × {P} positions; {len(batches)} batch(es)")
     churned = [p.name for p in parts if p.name not in ("Python, torch, transformers", "weights", "score accumulators")]
-    unsplit = any(p.name.endswith("(unsplit)") for p in parts)
     factor = CPU_ALLOCATOR_FACTOR_UNSPLIT if unsplit else CPU_ALLOCATOR_FACTOR
     return Estimate(tuple(_with_slack(parts, device, allocator_slack, churned, factor)), device, tuple(notes))
 
@@ -307,13 +306,12 @@ def _gradient_parts(shape: ModelShape, B: int, P: int, b: int, rows: int, chunks
     rows_text = "n_forward" if rows == F else f"rows of the largest of {chunks} windows"
     parts = [Part("Δ buffer", B * P * rows * d * b, f"B·P·{rows_text}·d_model = {B}·{P}·{rows}·{d} × {b} B")]
     if unsplit_steps is not None:
-        steps = unsplit_steps
-        per_layer = KEPT_PER_LAYER_UNSPLIT + KEPT_PER_LAYER_STEP * (steps - 1)
+        per_layer = KEPT_PER_LAYER_UNSPLIT + KEPT_PER_LAYER_STEP * (unsplit_steps - 1)
         kept = B * P * (L * (per_layer * d + KEPT_PER_MLP * shape.d_mlp) + 2 * d) + B * L * H * P * P
         parts += [
             Part("activations kept for backward (unsplit)", kept * b,
                  f"B·P·[L·(({KEPT_PER_LAYER_UNSPLIT} + {KEPT_PER_LAYER_STEP}·(steps − 1))·d_model + "
-                 f"{KEPT_PER_MLP}d_mlp) + 2d_model] + B·L·H·P², {steps} steps"),
+                 f"{KEPT_PER_MLP}d_mlp) + 2d_model] + B·L·H·P², {unsplit_steps} steps"),
             Part("logits gradient or backward working set", B * P * max(2 * V, 2 * H * d) * b,
                  "B·P·max(2·d_vocab, 2H·d_model): the logits' gradient or the final contraction"),
         ]
