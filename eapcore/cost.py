@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from eapcore import fastgrad
 from eapcore.attribute import AttributionSpec, attribute
+from eapcore.backends import attribution_backend
 from eapcore.data import TokenizedPairs
+from eapcore.families import architecture
 from eapcore.memory import Estimate, attribution_estimate, batch_shapes, human, shape_of_model
 from eapcore.models import DTYPES, model_device, model_dtype, model_graph
 
@@ -43,7 +44,7 @@ _LOCK = threading.Lock()
 
 def rate_key(model: Any, spec: AttributionSpec) -> tuple:
     """(model, device, dtype, method, level, backend): runs that share it run at the same speed."""
-    backend = "fastgrad" if spec.method != "EAP-IG-activations" and spec.level == "edge" and fastgrad.supports(model) else "hooks"
+    backend = attribution_backend(spec.method, spec.level, architecture(model), spec.backend, model)
     name = str(getattr(model.cfg, "model_name", "") or "")
     shape = (int(model.cfg.n_layers), int(model.cfg.n_heads), int(model.cfg.d_model))
     return (name, shape, str(model_device(model)), str(model_dtype(model)), spec.method, spec.level, backend)

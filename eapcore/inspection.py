@@ -35,9 +35,11 @@ import torch
 
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import Batch, TokenizedPairs
+from eapcore.families import architecture
 from eapcore.metrics import Metric, get_metric
-from eapcore.models import architecture, model_device, model_dtype, model_graph, model_lock
+from eapcore.models import model_device, model_dtype, model_graph, model_lock
 from eapcore.names import check_node
+from eapcore.recording import record
 from eapcore.sites import source_major, sources
 
 PAIRS_KEPT = 16  # pairs whose runs are kept per model
@@ -99,19 +101,9 @@ def _run_pair(model: Any, batch: Batch) -> PairRuns:
     last = tokens.shape[1] - 1
     outputs = torch.empty(graph.n_forward, 2, model.cfg.d_model, dtype=model_dtype(model))
     store: dict[str, torch.Tensor] = {}
-
-    def record(rows: slice):
-        def hook(t: torch.Tensor, hook: Any) -> None:
-            outputs[rows] = source_major(t[:, last:]).squeeze(2).detach().cpu()
-        return hook
-
-    def keep(name: str):
-        def hook(t: torch.Tensor, hook: Any) -> None:
-            store[name] = t[:, last].detach().cpu()
-        return hook
-
     resid = f"blocks.{graph.cfg.n_layers - 1}.hook_resid_post"
-    hooks = [(s.hook, record(s.rows)) for s in sources(graph)] + [(n, keep(n)) for n in (resid, "ln_final.hook_scale")]
+    hooks = [record(s.hook, outputs, s.rows, lambda t: source_major(t[:, last:]).squeeze(2)) for s in sources(graph)]
+    hooks += [record(n, store, n, lambda t: t[:, last].cpu()) for n in (resid, "ln_final.hook_scale")]
     with model_lock(model), torch.inference_mode():
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[:, last].cpu()
         if len(store) < 2:
@@ -153,13 +145,10 @@ def patterns(model: Any, runs: PairRuns, layer: int) -> torch.Tensor:
     pass the first time a layer is asked for."""
     if layer not in runs.patterns:
         store: dict[str, torch.Tensor] = {}
-
-        def keep(t: torch.Tensor, hook: Any) -> None:
-            store["p"] = t.detach().cpu()
-
         tokens = torch.cat([runs.batch.clean, runs.batch.corrupted]).to(model_device(model))
         with model_lock(model), torch.inference_mode():
-            model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", keep)])
+            hook = record(f"blocks.{layer}.attn.hook_pattern", store, "p", torch.Tensor.cpu)
+            model.run_with_hooks(tokens, fwd_hooks=[hook])
         runs.patterns[layer] = store["p"]
     return runs.patterns[layer]
 
