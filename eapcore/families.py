@@ -8,7 +8,7 @@ applied to sub-layer outputs before they join the residual stream (``post_norm``
 paths run it: ``unsplit`` gradient passes (:mod:`eapcore.fastgrad`) and ``sparse`` circuit evaluation
 (:mod:`eapcore.sparse`). :mod:`eapcore.backends` turns the fast paths into the choice of backend;
 :mod:`eapcore.models` refuses and warns from it. Adding a family is one entry here plus its tiny
-config in ``tests/test_families.py`` (docs/architecture.md, "How to add a family").
+config in ``FAMILIES`` of ``tests/conftest.py`` (docs/architecture.md, "How to add a family").
 """
 
 from __future__ import annotations

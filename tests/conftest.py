@@ -1,8 +1,13 @@
-"""Tiny random GPT-2-style models and prompt pairs, built locally (no network)."""
+"""What several test modules share (test modules do not import each other): tiny random models of every
+verified family and prompt pairs, built locally (no network); the toy pairs; app, browser, file and hook
+helpers.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +94,163 @@ def pairs():
     correct = ["e", "g", "f", "j", "i", "i", "l", "c"]
     incorrect = ["a", "b", "c", ["d", "e"], "f", "g", "h", "i"]
     return PromptPairs.from_lists(clean, corrupted, correct, incorrect)
+
+
+# ----- tiny models of each family (tests/test_families.py, tests/test_inspection.py) -----
+
+V = 3 + len(WORDS) + 1  # the tiny tokenizer's vocabulary and one id more
+TOKENS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=2)
+BASE = dict(
+    vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=32, **TOKENS,
+)
+GQA = dict(BASE, num_key_value_heads=2)
+
+# name: (config class, model class, config kwargs, parallel attention/MLP, key/value heads before ungrouping)
+FAMILIES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_positions=32, **TOKENS), False, 4),
+    "pythia": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, rotary_pct=0.5), True, 4),
+    "neox-sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, use_parallel_residual=False), False, 4),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", GQA, False, 2),
+    "mistral": ("MistralConfig", "MistralForCausalLM", GQA, False, 2),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", GQA, False, 2),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(GQA, head_dim=4), False, 2),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(BASE, num_key_value_heads=1, head_dim=4), False, 1),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", GQA, False, 2),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", BASE, False, 4),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", GQA, False, 2),
+    "gpt-bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_positions=32, multi_query=True, **TOKENS), False, 1),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(GQA, residual_multiplier=0.5, embedding_multiplier=2.0), False, 2),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", GQA, False, 2),
+}
+
+
+def hf_model(config_cls: str, model_cls: str, kwargs: dict, seed: int = 0):
+    """A random Hugging Face model of ``model_cls`` with weights larger than the default init (biases and norm
+    weights too), so that scores are not tiny; skips where this transformers has no such class."""
+    import transformers
+
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.5) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.3)
+    return hf
+
+
+# ----- the app (tests/test_app.py, tests/test_bad_inputs.py, tests/test_browser.py) -----
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `ui` lives next to app.py
+    sys.path.insert(0, str(ROOT))
+APP = str(ROOT / "app.py")
+TOY = {  # the prompt pairs of the ``pairs`` fixture, as CSV columns
+    "clean": ["a b c d", "b c d e f", "c d e", "d e f g h i", "e f g h", "a c e g", "b d f h j", "c a b"],
+    "corrupted": ["e b c d", "a c d e f", "f d e", "a e f g h i", "b f g h", "i c e g", "k d f h j", "l a b"],
+    "correct": ["e", "g", "f", "j", "i", "i", "l", "c"],
+    "incorrect": ["a", "b", "c", '["d", "e"]', "f", "g", "h", "i"],
+}
+
+
+def new_app():
+    """The app in Streamlit's AppTest, run once."""
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(APP, default_timeout=300).run()
+
+
+def errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def metric_value(at, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def run_attribution(at, open_explore: bool = True, switch: bool = True):
+    if switch:
+        at.switch_page("pages/attribute.py").run()
+    at.checkbox(key="w_open_explore").set_value(open_explore)
+    at.button(key="run_attribution").click().run()
+    assert errors(at) == []
+    if open_explore:  # the run switched to Explore; pin AppTest to that page for the next runs
+        assert any(m.label == "Faithfulness" for m in at.metric)
+        at.switch_page("pages/explore.py")
+    return at
+
+
+def attached_hooks(model) -> int:
+    """Forward and backward hooks attached to the model's hook points now."""
+    return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
+
+
+# ----- the browser (tests/test_browser.py, tests/test_benchmarks.py) -----
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(ok: bool, why: str) -> None:
+    """Skip unless ``ok``; with CI=true fail instead (the browser test must run there)."""
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"{why} (CI=true: the browser test must run; .ci/run installs Debian's chromium)")
+        pytest.skip(why)
+
+
+# ----- circuit files (tests/test_export.py, tests/test_bad_inputs.py) -----
+
+
+class Evil:
+    """Unpickling this would run ``action`` (create the marker file)."""
+
+    def __init__(self, action: str, marker: Path) -> None:
+        self.action, self.marker = action, marker
+
+    def __reduce__(self):
+        if self.action == "system":
+            return os.system, (f"touch {self.marker}",)
+        return open, (str(self.marker), "w")
+
+
+def edit(data: dict, change: str) -> None:
+    """Break a ``.pt`` payload in one way."""
+    if change == "missing key":
+        del data["edges_in_graph"]
+    elif change == "non-real cell":
+        data["edges_in_graph"][-1, 0] = True  # the last MLP reading a layer-0 column: backwards in time
+    elif change == "names":
+        data["src_nodes"][1] = "a0.h9"
+    elif change == "shape":
+        data["nodes_in_graph"] = data["nodes_in_graph"][:-1]
+    elif change == "dtype":
+        data["edges_in_graph"] = data["edges_in_graph"].float()
+    elif change == "cfg":
+        data["cfg"]["n_layers"] = "2"
+
+
+def json_edit(data: dict, change: str) -> None:
+    """Break a ``.json`` payload in one way."""
+    edges = data["edges"]
+    if change == "missing edge":
+        del edges["a0.h1->m0"]
+    elif change == "unknown edge":
+        edges["a0.h0->a9.h0<q>"] = {"score": 0.0, "in_graph": False}
+    elif change == "backwards edge":
+        edges["m1->a0.h0<q>"] = {"score": 0.0, "in_graph": False}
+    elif change == "score type":
+        edges["input->m0"]["score"] = "0.5"
+    elif change == "in_graph type":
+        edges["input->m0"]["in_graph"] = 1
+    elif change == "node type":
+        data["nodes"]["m0"]["in_graph"] = "yes"
+    elif change == "missing node":
+        del data["nodes"]["m1"]
+    elif change == "partial node scores":
+        del data["nodes"]["m1"]["score"]
+    elif change == "no edges":
+        del data["edges"]

@@ -27,17 +27,12 @@ from eapcore.models import DEMO_MODEL_DIR, ModelSpec, load_model, model_graph
 from eapcore.select import top_n
 from eapcore.tasks import TASKS
 
+from conftest import TOY, errors, metric_value, new_app, run_attribution
+
 ROOT = Path(__file__).resolve().parent.parent
-APP = str(ROOT / "app.py")
 if str(ROOT) not in sys.path:  # `ui` lives next to app.py
     sys.path.insert(0, str(ROOT))
 N_PAIRS = 16
-TOY = {
-    "clean": ["a b c d", "b c d e f", "c d e", "d e f g h i", "e f g h", "a c e g", "b d f h j", "c a b"],
-    "corrupted": ["e b c d", "a c d e f", "f d e", "a e f g h i", "b f g h", "i c e g", "k d f h j", "l a b"],
-    "correct": ["e", "g", "f", "j", "i", "i", "l", "c"],
-    "incorrect": ["a", "b", "c", '["d", "e"]', "f", "g", "h", "i"],
-}
 
 
 def demo_available() -> bool:
@@ -83,32 +78,6 @@ def engine(setup):
     model = load_model(ModelSpec(model_name, "cpu", "float32"))
     data = tokenize(PromptPairs.from_csv(csv), model.tokenizer, model.cfg.n_ctx)
     return model, data
-
-
-def new_app() -> AppTest:
-    return AppTest.from_file(APP, default_timeout=300).run()
-
-
-def errors(at: AppTest) -> list[str]:
-    return [e.value for e in at.error]
-
-
-def metric_value(at: AppTest, label: str) -> str:
-    found = [m.value for m in at.metric if m.label == label]
-    assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
-    return found[0]
-
-
-def run_attribution(at: AppTest, open_explore: bool = True, switch: bool = True) -> AppTest:
-    if switch:
-        at.switch_page("pages/attribute.py").run()
-    at.checkbox(key="w_open_explore").set_value(open_explore)
-    at.button(key="run_attribution").click().run()
-    assert errors(at) == []
-    if open_explore:  # the run switched to Explore; pin AppTest to that page for the next runs
-        assert any(m.label == "Faithfulness" for m in at.metric)
-        at.switch_page("pages/explore.py")
-    return at
 
 
 def iframes(at: AppTest) -> list:

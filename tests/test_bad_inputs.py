@@ -1,4 +1,4 @@
-"""The bad-input matrix of issue #7: each bad input goes through the engine API, the CLI (`eapcore.cli.main`
+"""The bad-input matrix: each bad input goes through the engine API, the CLI (`eapcore.cli.main`
 in-process) and the app (AppTest), and must get a message that says what is wrong, where (row, value, file)
 and how to fix it; in the app the session must keep its model, prompt pairs and scores.
 
@@ -28,10 +28,9 @@ from eapcore.export import load_circuit, save_json, save_pt
 from eapcore.graph import Graph, GraphConfig
 from eapcore.metrics import Metric
 from eapcore.select import top_n
-from test_app import TOY, errors, metric_value, new_app, run_attribution
-from test_export import Evil, edit, json_edit
-from test_reliability import attached_hooks
 from ui.state import ENV_DATA, ENV_DEVICE, ENV_MODEL, RUNNING
+
+from conftest import TOY, Evil, attached_hooks, edit, errors, json_edit, metric_value, new_app, run_attribution
 
 # ----- the cases -----
 

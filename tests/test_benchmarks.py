@@ -137,11 +137,13 @@ def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:
             pass
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_bench_explorer_times_a_real_browser(capsys: pytest.CaptureFixture[str]) -> None:
     import bench_explorer
-    from test_browser import CHROMIUM, _require
+    from conftest import CHROMIUM, require
 
-    _require(Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM}")
+    require(Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM}")
     record = bench_explorer.main(["--pairs", "16", "--moves", "3", "--chromium", CHROMIUM])
     assert last_json(capsys) == json.loads(json.dumps(record))
     assert record["pairs"] == 16 and record["run_to_graph_s"] > 0 and record["moves_counted"] == len(record["moves"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,8 +30,10 @@ from eapcore.attribute import AttributionSpec, attribute
 from eapcore.data import PromptPairs
 from eapcore.models import DEMO_MODEL_DIR, ModelSpec, model_lock
 from eapcore.tasks import TASKS
-from test_app import TOY
-from test_reliability import attached_hooks
+
+from conftest import CHROMIUM, TOY, attached_hooks, require
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -40,20 +41,11 @@ except ImportError:  # reported by the browser fixture (a failure under CI=true)
     expect = sync_playwright = None
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TIMEOUT_MS = 180_000
-
-
-def _require(ok: bool, why: str) -> None:
-    if not ok:
-        if IN_CI:
-            pytest.fail(f"{why} (CI=true: the browser test must run; .ci/run installs Debian's chromium)")
-        pytest.skip(why)
 
 
 def _free_port() -> int:
@@ -130,8 +122,8 @@ class Browser:
 
 @pytest.fixture
 def browser(server):
-    _require(Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM}")
-    _require(sync_playwright is not None, "the playwright package is not installed")
+    require(Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM}")
+    require(sync_playwright is not None, "the playwright package is not installed")
     expect.set_options(timeout=TIMEOUT_MS)
     url, log = server
     with sync_playwright() as p:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,8 @@ from eapcore.circuit import Circuit, Scores
 from eapcore.export import load_circuit, load_json, load_pt, save_json, save_pt
 from eapcore.graph import Graph, GraphConfig
 from eapcore.select import top_n
+
+from conftest import Evil, edit, json_edit
 
 PROVENANCE = {"model": "gpt2", "steps": 5, "pair": [1, 2], "nested": {"none": None, "f": 0.1, "ok": True}}
 
@@ -109,18 +110,6 @@ def test_gpt2_small_json_has_every_edge(tmp_path: Path) -> None:
 # ----- refusals -----
 
 
-class Evil:
-    """Unpickling this would run ``action`` (create the marker file)."""
-
-    def __init__(self, action: str, marker: Path) -> None:
-        self.action, self.marker = action, marker
-
-    def __reduce__(self):
-        if self.action == "system":
-            return os.system, (f"touch {self.marker}",)
-        return open, (str(self.marker), "w")
-
-
 @pytest.mark.parametrize("action", ["system", "open"])
 def test_pickled_object_is_refused(tmp_path: Path, action: str) -> None:
     scores, circuit = make(GraphConfig(1, 1), neurons=False)
@@ -169,21 +158,6 @@ def pt_payload(tmp_path: Path) -> dict:
     return torch.load(tmp_path / "c.pt", weights_only=True)
 
 
-def edit(data: dict, change: str) -> None:
-    if change == "missing key":
-        del data["edges_in_graph"]
-    elif change == "non-real cell":
-        data["edges_in_graph"][-1, 0] = True  # the last MLP reading a layer-0 column: backwards in time
-    elif change == "names":
-        data["src_nodes"][1] = "a0.h9"
-    elif change == "shape":
-        data["nodes_in_graph"] = data["nodes_in_graph"][:-1]
-    elif change == "dtype":
-        data["edges_in_graph"] = data["edges_in_graph"].float()
-    elif change == "cfg":
-        data["cfg"]["n_layers"] = "2"
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -201,28 +175,6 @@ def test_malformed_pt_is_refused(tmp_path: Path, change: str, message: str) -> N
     torch.save(data, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=message):
         load_pt(tmp_path / "bad.pt")
-
-
-def json_edit(data: dict, change: str) -> None:
-    edges = data["edges"]
-    if change == "missing edge":
-        del edges["a0.h1->m0"]
-    elif change == "unknown edge":
-        edges["a0.h0->a9.h0<q>"] = {"score": 0.0, "in_graph": False}
-    elif change == "backwards edge":
-        edges["m1->a0.h0<q>"] = {"score": 0.0, "in_graph": False}
-    elif change == "score type":
-        edges["input->m0"]["score"] = "0.5"
-    elif change == "in_graph type":
-        edges["input->m0"]["in_graph"] = 1
-    elif change == "node type":
-        data["nodes"]["m0"]["in_graph"] = "yes"
-    elif change == "missing node":
-        del data["nodes"]["m1"]
-    elif change == "partial node scores":
-        del data["nodes"]["m1"]["score"]
-    elif change == "no edges":
-        del data["edges"]
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ computed here with plain forward hooks only (no eapcore.sites, no score or patch
 Grouped-query (GQA) and multi-query models are ungrouped on loading (one k/v input per query head, as in
 EAP-IG), which the tests check too. Refused families must fail with a clear UnsupportedModelError. What the
 registry (eapcore.families) says of each family is checked against its model, and each fast path it claims
-against the general one. Adding a family: its entry in eapcore/families.py and its tiny config here.
+against the general one. Adding a family: its entry in eapcore/families.py and its tiny config in FAMILIES (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -38,33 +38,7 @@ from eapcore.models import (
     ungroup_kv_heads,
 )
 
-from conftest import save_with_tiny_tokenizer, tiny_tokenizer
-
-V = len(tiny_tokenizer()) + 1
-TOKENS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=2)
-BASE = dict(
-    vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=32, **TOKENS,
-)
-GQA = dict(BASE, num_key_value_heads=2)
-
-# name: (config class, model class, config kwargs, parallel attention/MLP, key/value heads before ungrouping)
-FAMILIES = {
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_positions=32, **TOKENS), False, 4),
-    "pythia": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, rotary_pct=0.5), True, 4),
-    "neox-sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, use_parallel_residual=False), False, 4),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", GQA, False, 2),
-    "mistral": ("MistralConfig", "MistralForCausalLM", GQA, False, 2),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", GQA, False, 2),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(GQA, head_dim=4), False, 2),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(BASE, num_key_value_heads=1, head_dim=4), False, 1),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", GQA, False, 2),
-    "olmo": ("OlmoConfig", "OlmoForCausalLM", BASE, False, 4),
-    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", GQA, False, 2),
-    "gpt-bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_positions=32, multi_query=True, **TOKENS), False, 1),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(GQA, residual_multiplier=0.5, embedding_multiplier=2.0), False, 2),
-    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", GQA, False, 2),
-}
+from conftest import FAMILIES, GQA, BASE, TOKENS, V, hf_model, save_with_tiny_tokenizer
 
 SEEDS = {"gpt-bigcode": 1}  # where seed 0 gives a model on which the corruption hardly matters
 # The bridge's own GPT-NeoX attention differs from Hugging Face's by ~2e-7 in float64. eapcore.sparse calls
@@ -92,22 +66,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _hf_model(config_cls: str, model_cls: str, kwargs: dict, seed: int = 0):
-    if not hasattr(transformers, model_cls):
-        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
-    torch.manual_seed(seed)
-    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
-    with torch.no_grad():  # larger than the default init (biases and norm weights too), so scores are not tiny
-        for p in hf.parameters():
-            p.normal_(0, 0.5) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.3)
-    return hf
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     name = request.param
     config_cls, model_cls, kwargs, parallel, n_kv = FAMILIES[name]
-    hf = _hf_model(config_cls, model_cls, kwargs, seed=SEEDS.get(name, 0))
+    hf = hf_model(config_cls, model_cls, kwargs, seed=SEEDS.get(name, 0))
     path = save_with_tiny_tokenizer(tmp_path_factory.mktemp(name), hf)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -410,7 +373,7 @@ def _assert_metrics_equal(ours: torch.Tensor, expected: torch.Tensor, name: str)
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_unsupported_families_are_refused(name, tmp_path):
     config_cls, model_cls, kwargs, words = REFUSED[name]
-    path = save_with_tiny_tokenizer(tmp_path, _hf_model(config_cls, model_cls, kwargs))
+    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, kwargs))
     with pytest.raises(UnsupportedModelError, match=f"{model_cls} is not supported") as info:
         load_model(str(path), device="cpu", dtype="float64")
     assert words in str(info.value) and "docs/families.md" in str(info.value)
@@ -422,7 +385,7 @@ def test_the_generic_check_finds_what_the_list_refuses(name, tmp_path):
     from transformer_lens.model_bridge import TransformerBridge
 
     config_cls, model_cls, kwargs, _ = REFUSED[name]
-    path = save_with_tiny_tokenizer(tmp_path, _hf_model(config_cls, model_cls, kwargs))
+    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, kwargs))
     model = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float64)
     model.set_use_attn_result(True)
     model.set_use_split_qkv_input(True)
@@ -434,7 +397,7 @@ def test_the_generic_check_finds_what_the_list_refuses(name, tmp_path):
 
 def test_unverified_families_that_pass_the_check_load_with_a_warning(tmp_path, monkeypatch):
     config_cls, model_cls, kwargs, _, _ = FAMILIES["llama"]
-    path = save_with_tiny_tokenizer(tmp_path, _hf_model(config_cls, model_cls, kwargs))
+    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, kwargs))
     monkeypatch.delitem(families.FAMILIES, model_cls)
     with pytest.warns(UserWarning, match="not among the verified families"):
         model = load_model(str(path), device="cpu", dtype="float32")

@@ -24,8 +24,7 @@ from eapcore.inspection import inspect_node, node_edges, pair_runs
 from eapcore.models import load_model, model_graph
 from eapcore.select import top_n
 
-from conftest import save_with_tiny_tokenizer
-from test_families import FAMILIES, _hf_model
+from conftest import FAMILIES, hf_model, save_with_tiny_tokenizer
 
 
 # relative tolerance of the direct logits: float32 for GPT-2; OLMo's norm computes in float32 even in float64
@@ -40,7 +39,7 @@ def case(request, tiny_dir, pairs, tmp_path_factory):
         path, dtype = tiny_dir, torch.float32
     else:
         config_cls, model_cls, kwargs, _, _ = FAMILIES[family]
-        path, dtype = save_with_tiny_tokenizer(tmp_path_factory.mktemp(family), _hf_model(config_cls, model_cls, kwargs)), torch.float64
+        path, dtype = save_with_tiny_tokenizer(tmp_path_factory.mktemp(family), hf_model(config_cls, model_cls, kwargs)), torch.float64
     bridge = load_model(str(path), device="cpu", dtype=str(dtype).replace("torch.", ""))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
     return family, bridge, hf, tokenize(pairs, bridge.tokenizer)

@@ -11,9 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from eapcore.attribute import AttributionSpec
 from eapcore.cli import main
-from eapcore.data import PromptPairs, tokenize
+from eapcore.data import tokenize
 from eapcore.evaluate import CircuitEvaluator
 from eapcore.interventions import make_intervention
 from eapcore.recording import row_windows

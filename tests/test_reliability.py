@@ -18,9 +18,7 @@ from eapcore.evaluate import CircuitEvaluator
 from eapcore.metrics import Metric, logit_diff
 from eapcore.models import model_graph
 
-
-def attached_hooks(model) -> int:
-    return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
+from conftest import attached_hooks
 
 
 def failing_metric(exc: Exception, after: int = 0) -> Metric:

@@ -41,6 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # trains a tiny model in a subprocess
 def test_saved_folder_loads_offline(trained: Path) -> None:
     model = GPT2LMHeadModel.from_pretrained(trained / "model", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(trained / "model")
@@ -56,6 +57,7 @@ def test_saved_folder_loads_offline(trained: Path) -> None:
     assert len(names) >= 100 and tokenizer.unk_token_id not in tokenizer.convert_tokens_to_ids(names)
 
 
+@pytest.mark.slow  # trains a tiny model in a subprocess
 def test_tokenizer_splits_years_into_two_digit_tokens(trained: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(trained / "model")
     tokens = tokenizer.tokenize("The war lasted from the year 1745 to the year 17")
@@ -66,6 +68,7 @@ def test_tokenizer_splits_years_into_two_digit_tokens(trained: Path) -> None:
         assert tokenizer.tokenize(f"{i:02d}") == [f"{i:02d}"]
 
 
+@pytest.mark.slow  # trains a tiny model in a subprocess
 def test_task_csvs_written_and_evaluated(trained: Path, script: ModuleType) -> None:
     model = GPT2LMHeadModel.from_pretrained(trained / "model", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(trained / "model")
