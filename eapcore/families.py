@@ -31,11 +31,12 @@ ATTENTIONS = {
 
 @dataclass(frozen=True)
 class Family:
-    """One architecture (``model_type``: its config's). ``norm`` and ``attention`` name entries of :data:`NORMS` and :data:`ATTENTIONS`;
-    ``parallel``: None (attention, then MLP), ``"always"``, or the config flag that decides (GPT-NeoX);
-    ``output_scale``: the config attribute that multiplies each sub-layer output (Granite); ``post_norm``:
-    the norm kind applied to each attention and MLP output before it is added (Gemma-2); ``sparse_config``:
-    config values that sparse evaluation requires (an allow-list); ``exercises``: what its test model covers."""
+    """One architecture (``model_type``: its config's). ``norm`` and ``attention`` name entries of
+    :data:`NORMS` and :data:`ATTENTIONS`; ``parallel``: None (attention, then MLP), ``"always"``, or the
+    config flag that decides (GPT-NeoX); ``output_scale``: the config attribute that multiplies each
+    sub-layer output (Granite); ``post_norm``: the norm kind applied to each attention and MLP output
+    before it is added (Gemma-2); ``sparse_config``: config values that sparse evaluation requires (an
+    allow-list); ``refused``: why eapcore refuses it (None: verified)."""
 
     architecture: str
     model_type: str
@@ -50,7 +51,6 @@ class Family:
     sparse: bool = False
     sparse_config: tuple[tuple[str, Any], ...] = ()
     refused: str | None = None
-    exercises: str = ""
 
     def __post_init__(self) -> None:
         for kind, table in ((self.norm, NORMS), (self.post_norm, NORMS), (self.attention, ATTENTIONS)):
@@ -96,32 +96,25 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     # Verified: checked against independent computations on tiny random configs (tests/test_families.py)
     Family("GPT2LMHeadModel", "gpt2", "GPT-2", "layernorm", "plain", unsplit=True, sparse=True,
            sparse_config=(("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                          ("reorder_and_upcast_attn", False)),
-           exercises="learned positions, LayerNorm, biases (also checked against a hook-free forward in "
-                     "`tests/test_attribute.py`)"),
-    Family("GPTNeoXForCausalLM", "gpt_neox", "Pythia / GPT-NeoX", "layernorm", "partial-rotary", parallel="use_parallel_residual",
-           unsplit=True, sparse=True,
-           exercises="parallel attention and MLP (an MLP does not read its own layer's heads), partial rotary; "
-                     "also the sequential variant"),
-    Family("LlamaForCausalLM", "llama", "Llama", **_LLAMA, sparse=True,
-           exercises="RMSNorm, rotary, gated MLP, GQA (4 heads, 2 key/value heads)"),
-    Family("MistralForCausalLM", "mistral", "Mistral", **_LLAMA, sparse=True, exercises="as Llama"),
-    Family("Qwen2ForCausalLM", "qwen2", "Qwen2 / Qwen2.5", **_LLAMA, sparse=True, exercises="GQA with q/k/v biases"),
-    Family("Qwen3ForCausalLM", "qwen3", "Qwen3", **_LLAMA, qk_norm=True, sparse=True, exercises="GQA with per-head q/k norms"),
-    Family("GemmaForCausalLM", "gemma", "Gemma (1)", "rmsnorm-1p", "rotary",
-           exercises="multi-query attention (1 key/value head), scaled embeddings, `1 + w` RMSNorm"),
-    Family("Phi3ForCausalLM", "phi3", "Phi-3", **_LLAMA, exercises="fused qkv projection with GQA"),
-    Family("OlmoForCausalLM", "olmo", "OLMo (1)", "layernorm-free", "rotary", unsplit=True, exercises="non-parametric LayerNorm"),
-    Family("Starcoder2ForCausalLM", "starcoder2", "StarCoder2", "layernorm", "rotary", unsplit=True, exercises="LayerNorm, biases, GQA"),
-    Family("GPTBigCodeForCausalLM", "gpt_bigcode", "GPT-BigCode / SantaCoder", "layernorm", "plain", unsplit=True,
-           exercises="fused qkv, multi-query attention"),
-    Family("GraniteForCausalLM", "granite", "Granite", **_LLAMA, output_scale="residual_multiplier",
-           exercises="embedding and residual multipliers (the bridge folds them into the hooked outputs)"),
-    Family("SmolLM3ForCausalLM", "smollm3", "SmolLM3", **_LLAMA, exercises="GQA, layers without rotary"),
+                          ("reorder_and_upcast_attn", False))),
+    Family("GPTNeoXForCausalLM", "gpt_neox", "Pythia / GPT-NeoX", "layernorm", "partial-rotary",
+           parallel="use_parallel_residual", unsplit=True, sparse=True),
+    Family("LlamaForCausalLM", "llama", "Llama", **_LLAMA, sparse=True),
+    Family("MistralForCausalLM", "mistral", "Mistral", **_LLAMA, sparse=True),
+    Family("Qwen2ForCausalLM", "qwen2", "Qwen2 / Qwen2.5", **_LLAMA, sparse=True),
+    Family("Qwen3ForCausalLM", "qwen3", "Qwen3", **_LLAMA, qk_norm=True, sparse=True),
+    Family("GemmaForCausalLM", "gemma", "Gemma (1)", "rmsnorm-1p", "rotary"),
+    Family("Phi3ForCausalLM", "phi3", "Phi-3", **_LLAMA),
+    Family("OlmoForCausalLM", "olmo", "OLMo (1)", "layernorm-free", "rotary", unsplit=True),
+    Family("Starcoder2ForCausalLM", "starcoder2", "StarCoder2", "layernorm", "rotary", unsplit=True),
+    Family("GPTBigCodeForCausalLM", "gpt_bigcode", "GPT-BigCode / SantaCoder", "layernorm", "plain", unsplit=True),
+    Family("GraniteForCausalLM", "granite", "Granite", **_LLAMA, output_scale="residual_multiplier"),
+    Family("SmolLM3ForCausalLM", "smollm3", "SmolLM3", **_LLAMA),
     # Refused: checked with tiny random configs (tests/test_families.py checks a representative subset)
     Family("Gemma2ForCausalLM", "gemma2", "Gemma-2", post_norm="rmsnorm-1p", refused=_POST_NORM),
     Family("Gemma3ForCausalLM", "gemma3_text", "Gemma-3", post_norm="rmsnorm-1p", refused=_POST_NORM),
-    Family("Gemma3ForConditionalGeneration", "gemma3", "Gemma-3 (multimodal)", post_norm="rmsnorm-1p", refused=_POST_NORM),
+    Family("Gemma3ForConditionalGeneration", "gemma3", "Gemma-3 (multimodal)", post_norm="rmsnorm-1p",
+           refused=_POST_NORM),
     Family("Olmo2ForCausalLM", "olmo2", "OLMo-2", post_norm="rmsnorm", refused=_POST_NORM),
     Family("Olmo3ForCausalLM", "olmo3", "OLMo-3", post_norm="rmsnorm", refused=_POST_NORM),
     Family("PhiForCausalLM", "phi", "Phi (1, 1.5, 2)", parallel="always", refused=_SHARED_NORM),
