@@ -254,3 +254,33 @@ def json_edit(data: dict, change: str) -> None:
         del data["nodes"]["m1"]["score"]
     elif change == "no edges":
         del data["edges"]
+
+
+# ----- small files and plain-Python statistics (tests/test_cli.py, test_verify.py, test_compare.py, ...) -----
+
+CSV = "clean,corrupted,correct,incorrect\n" + "\n".join(
+    f"{c},{k},{a},{b}"
+    for c, k, a, b in [("a b c d", "e b c d", "e", "a"), ("b c d e f", "a c d e f", "g", "b"), ("c d e", "f d e", "f", "c")]
+)
+
+
+def plain_pearson(a: list[float], b: list[float]) -> float:
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    return cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+
+
+def plain_ranks(values: list[float]) -> list[float]:
+    """1 for the smallest; ties get their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            out[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return out

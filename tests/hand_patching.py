@@ -1,10 +1,12 @@
 """Ground truth for circuit metrics, patched by hand with plain forward hooks from node names (no eapcore
 evaluator, sites or interventions): every edge outside ``keep`` carries ``ablated[u]`` instead of u's actual
 output in the same run. ``ablated`` is built here for each intervention: the corrupted run's outputs, zeros,
-or means over the clean prompts' real positions (per position for mean-positional)."""
+or means over the clean prompts' real positions (per position for mean-positional). Also the hook names of
+nodes, read from their names, for other hand-made checks (tests/test_families.py)."""
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -13,19 +15,61 @@ from eapcore.data import Batch
 from eapcore.metrics import get_metric, readout
 from eapcore.models import model_dtype
 
-from test_families import _add_at, _destination_site, _source_outputs, _source_site
+
+def source_site(name: str) -> tuple[str, int | None]:
+    """(hook, head or None) of a source node's output, from its name."""
+    if name == "input":
+        return "hook_embed", None
+    if m := re.fullmatch(r"a(\d+)\.h(\d+)", name):
+        return f"blocks.{m[1]}.attn.hook_result", int(m[2])
+    return f"blocks.{name[1:]}.hook_mlp_out", None
+
+
+def destination_site(name: str, n_layers: int) -> tuple[str, int | None]:
+    """(hook, head or None) of a destination node's input, from its name."""
+    if name == "logits":
+        return f"blocks.{n_layers - 1}.hook_resid_post", None
+    if m := re.fullmatch(r"a(\d+)\.h(\d+)<([qkv])>", name):
+        return f"blocks.{m[1]}.hook_{m[3]}_input", int(m[2])
+    return f"blocks.{name[1:]}.hook_mlp_in", None
+
+
+def source_outputs(model, graph, tokens) -> dict[str, torch.Tensor]:
+    """Every source node's output ``[batch pos d_model]`` on ``tokens``, by node name."""
+    store = {}
+
+    def keep(name, head):
+        def hook(t, hook):
+            store[name] = (t if head is None else t[:, :, head]).detach().clone()
+        return hook
+
+    hooks = [(site[0], keep(n, site[1])) for n in graph.src_nodes for site in [source_site(n)]]
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=hooks)
+    return store
+
+
+def add_at(head: int | None, extra: torch.Tensor):
+    """A hook that adds ``extra`` ``[batch pos d_model]`` to the tensor (to head ``head``'s slice, if given)."""
+    def hook(t, hook):
+        if head is None:
+            return t + extra
+        pad = torch.zeros_like(t)
+        pad[:, :, head] = 1
+        return t + pad * extra.unsqueeze(2)
+    return hook
 
 
 def ablation(model, graph, data, intervention: str) -> Callable[[Batch], dict[str, torch.Tensor]]:
     """batch -> what each source carries when ablated on it (``[batch pos d_model]`` by node name); the
     means are taken over all of ``data``."""
     if intervention == "patching":
-        return lambda batch: _source_outputs(model, graph, batch.corrupted)
+        return lambda batch: source_outputs(model, graph, batch.corrupted)
     d, dtype = graph.cfg.d_model, model_dtype(model)
     if intervention == "zero":
         return lambda batch: {u: torch.zeros(*batch.clean.shape, d, dtype=dtype) for u in graph.src_nodes}
     (everything,) = data.batches(len(data))
-    outs = _source_outputs(model, graph, everything.clean)
+    outs = source_outputs(model, graph, everything.clean)
     real = (torch.arange(everything.n_pos)[None, :] < everything.lengths[:, None]).to(dtype)  # [n pos]
     if intervention == "mean":
         means = {u: torch.einsum("npd,np->d", t, real) / real.sum() for u, t in outs.items()}
@@ -41,7 +85,7 @@ def patched_metric(model, graph, batch, keep: torch.Tensor, ablated: dict[str, t
     actual: dict[str, torch.Tensor] = {}
     hooks = []
     for u in graph.src_nodes:
-        site, head = _source_site(u)
+        site, head = source_site(u)
 
         def record(t, hook, u=u, head=head):
             actual[u] = t if head is None else t[:, :, head]
@@ -49,10 +93,10 @@ def patched_metric(model, graph, batch, keep: torch.Tensor, ablated: dict[str, t
     for col, v in enumerate(graph.dst_nodes):
         removed = [graph.src_nodes[r] for r in range(graph.n_forward) if graph.real_edge_mask[r, col] and not keep[r, col]]
         if removed:
-            site, head = _destination_site(v, graph.cfg.n_layers)
+            site, head = destination_site(v, graph.cfg.n_layers)
 
             def patch(t, hook, removed=removed, head=head):
-                return _add_at(head, sum(ablated[u] - actual[u] for u in removed))(t, hook)
+                return add_at(head, sum(ablated[u] - actual[u] for u in removed))(t, hook)
             hooks.append((site, patch))
     with torch.no_grad():
         clean = readout(model(batch.clean), batch.lengths)

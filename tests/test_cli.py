@@ -10,10 +10,7 @@ import pytest
 
 from eapcore.cli import main
 
-CSV = "clean,corrupted,correct,incorrect\n" + "\n".join(
-    f"{c},{k},{a},{b}"
-    for c, k, a, b in [("a b c d", "e b c d", "e", "a"), ("b c d e f", "a c d e f", "g", "b"), ("c d e", "f d e", "f", "c")]
-)
+from conftest import CSV
 
 
 @pytest.fixture()

@@ -22,7 +22,7 @@ from eapcore.graph import Graph, GraphConfig
 from eapcore.models import load_model, model_graph
 from eapcore.tasks import get_task
 
-from test_verify import _plain_pearson, _plain_ranks
+from conftest import plain_pearson, plain_ranks
 
 METHODS = ("EAP", "EAP-IG-inputs", "clean-corrupted")
 
@@ -87,8 +87,8 @@ def test_overlap_spearman_and_disagreements_equal_a_direct_computation(setup):
             ea, eb = _plain_top(names, va, n), _plain_top(names, vb, n)
             expected.append(len(ea & eb) / len(ea | eb) if ea | eb else 1.0)
         assert result.overlap[a, b] == pytest.approx(tuple(expected), abs=1e-12)
-        ra, rb = _plain_ranks([abs(v) for v in va]), _plain_ranks([abs(v) for v in vb])
-        assert result.spearman[a, b] == pytest.approx(_plain_pearson(ra, rb), rel=1e-9)
+        ra, rb = plain_ranks([abs(v) for v in va]), plain_ranks([abs(v) for v in vb])
+        assert result.spearman[a, b] == pytest.approx(plain_pearson(ra, rb), rel=1e-9)
         top = result.disagreements[a, b][0]
         gap = [abs(x - y) for x, y in zip(ra, rb)]
         assert abs(top.rank_a - top.rank_b) == max(gap)
@@ -137,7 +137,7 @@ def test_iou_of_two_empty_circuits_is_one():
 
 def test_compare_cli(tiny_dir, tmp_path, capsys):
     from conftest import save_tiny_gpt2
-    from test_cli import CSV
+    from conftest import CSV
 
     csv, other_csv = tmp_path / "pairs.csv", tmp_path / "other.csv"
     csv.write_text(CSV)

@@ -1,5 +1,6 @@
 """Model families: each verified family, as a tiny random Hugging Face model, against ground truth
-computed here with plain forward hooks only (no eapcore.sites, no score or patch machinery):
+computed with plain forward hooks only (here and in tests/hand_patching.py; no eapcore.sites, no score or
+patch machinery):
 
 * EAP score of edge (u, v) = d/dε[u, v] at ε = 0 of the loss of the clean run in which each destination
   input v gets Σ_u ε[u, v]·(a_u(corrupted) − a_u(clean)) added; at ε = 0 each partial derivative is that
@@ -15,7 +16,6 @@ against the general one. Adding a family: its entry in eapcore/families.py and i
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import pytest
@@ -39,6 +39,7 @@ from eapcore.models import (
 )
 
 from conftest import FAMILIES, GQA, BASE, TOKENS, V, hf_model, save_with_tiny_tokenizer
+from hand_patching import add_at, destination_site, patched_metric, source_outputs
 
 SEEDS = {"gpt-bigcode": 1}  # where seed 0 gives a model on which the corruption hardly matters
 # The bridge's own GPT-NeoX attention differs from Hugging Face's by ~2e-7 in float64. eapcore.sparse calls
@@ -84,48 +85,6 @@ def data(family, pairs):
     return tokenize(pairs, family[2].tokenizer)
 
 
-# ----- independent helpers: hook names from node names, plain forward hooks -----
-def _source_site(name: str) -> tuple[str, int | None]:
-    if name == "input":
-        return "hook_embed", None
-    if m := re.fullmatch(r"a(\d+)\.h(\d+)", name):
-        return f"blocks.{m[1]}.attn.hook_result", int(m[2])
-    return f"blocks.{name[1:]}.hook_mlp_out", None
-
-
-def _destination_site(name: str, n_layers: int) -> tuple[str, int | None]:
-    if name == "logits":
-        return f"blocks.{n_layers - 1}.hook_resid_post", None
-    if m := re.fullmatch(r"a(\d+)\.h(\d+)<([qkv])>", name):
-        return f"blocks.{m[1]}.hook_{m[3]}_input", int(m[2])
-    return f"blocks.{name[1:]}.hook_mlp_in", None
-
-
-def _source_outputs(model, graph, tokens) -> dict[str, torch.Tensor]:
-    """Every source node's output ``[batch pos d_model]`` on ``tokens``, by node name."""
-    store = {}
-
-    def keep(name, head):
-        def hook(t, hook):
-            store[name] = (t if head is None else t[:, :, head]).detach().clone()
-        return hook
-
-    hooks = [(site[0], keep(n, site[1])) for n in graph.src_nodes for site in [_source_site(n)]]
-    with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=hooks)
-    return store
-
-
-def _add_at(head: int | None, extra: torch.Tensor):
-    def hook(t, hook):
-        if head is None:
-            return t + extra
-        pad = torch.zeros_like(t)
-        pad[:, :, head] = 1
-        return t + pad * extra.unsqueeze(2)
-    return hook
-
-
 def _edge_gradients(model, graph, batch, delta) -> torch.Tensor:
     """d loss / dε[u, v] at ε = 0 for every edge, where v's input gets Σ_u ε[u, v]·Δ_u added (loss summed
     over the batch). At ε = 0 each partial derivative is that of patching the one edge (u, v) alone."""
@@ -134,42 +93,17 @@ def _edge_gradients(model, graph, batch, delta) -> torch.Tensor:
     stacked = torch.stack([delta[u] for u in graph.src_nodes])  # [n_forward batch pos d_model]
     hooks = []
     for col, v in enumerate(graph.dst_nodes):
-        site, head = _destination_site(v, graph.cfg.n_layers)
+        site, head = destination_site(v, graph.cfg.n_layers)
         parents = [r for r in range(graph.n_forward) if graph.real_edge_mask[r, col]]
 
         def perturb(t, hook, col=col, head=head, parents=parents):
-            return _add_at(head, torch.einsum("u,ubpd->bpd", eps[parents, col], stacked[parents]))(t, hook)
+            return add_at(head, torch.einsum("u,ubpd->bpd", eps[parents, col], stacked[parents]))(t, hook)
         hooks.append((site, perturb))
     with torch.enable_grad():
         logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
         (grad,) = torch.autograd.grad(metric.loss(readout(logits, batch.lengths), batch), eps)
     assert not grad[~graph.real_edge_mask].any()
     return grad
-
-
-def _hand_patched(model, graph, batch, keep: torch.Tensor) -> torch.Tensor:
-    """Per-example logit difference with every edge outside ``keep`` carrying the corrupted output."""
-    corrupted = _source_outputs(model, graph, batch.corrupted)
-    actual: dict[str, torch.Tensor] = {}
-    hooks = []
-    for u in graph.src_nodes:
-        site, head = _source_site(u)
-
-        def record(t, hook, u=u, head=head):
-            actual[u] = t if head is None else t[:, :, head]
-        hooks.append((site, record))
-    for col, v in enumerate(graph.dst_nodes):
-        removed = [graph.src_nodes[r] for r in range(graph.n_forward) if graph.real_edge_mask[r, col] and not keep[r, col]]
-        if not removed:
-            continue
-        site, head = _destination_site(v, graph.cfg.n_layers)
-
-        def patch(t, hook, removed=removed, head=head):
-            return _add_at(head, sum(corrupted[u] - actual[u] for u in removed))(t, hook)
-        hooks.append((site, patch))
-    with torch.no_grad():
-        logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
-    return get_metric("logit_diff")(readout(logits, batch.lengths), batch)
 
 
 def _sample_edges(graph, n: int, seed: int) -> list[tuple[int, int]]:
@@ -300,7 +234,7 @@ def test_key_value_inputs_are_per_query_head(family):
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_result", keep("clean"))])
         for which in "kv":
             model.run_with_hooks(
-                tokens, fwd_hooks=[(f"blocks.1.hook_{which}_input", _add_at(0, edit)), ("blocks.1.attn.hook_result", keep(which))]
+                tokens, fwd_hooks=[(f"blocks.1.hook_{which}_input", add_at(0, edit)), ("blocks.1.attn.hook_result", keep(which))]
             )
     for which in "kv":
         change = (results[which] - results["clean"]).abs().amax(dim=(0, 1, 3))
@@ -312,7 +246,7 @@ def test_eap_scores_equal_exact_edge_derivatives(family, data):
     graph = model_graph(model)
     ours = attribute(model, data, AttributionSpec(method="EAP", batch_size=3)).edges
     (batch,) = data.batches(len(data))
-    clean, corrupted = _source_outputs(model, graph, batch.clean), _source_outputs(model, graph, batch.corrupted)
+    clean, corrupted = source_outputs(model, graph, batch.clean), source_outputs(model, graph, batch.corrupted)
     expected = _edge_gradients(model, graph, batch, {u: corrupted[u] - clean[u] for u in graph.src_nodes}) / len(data)
     scale = float(expected.abs().max())
     assert scale > 1e-3 and int((expected.abs() > 1e-3 * scale).sum()) > graph.n_edges // 2  # not vacuous
@@ -355,12 +289,12 @@ def test_edge_removals_equal_hand_patching(family, data):
     for r, c in edges:
         keep = graph.real_edge_mask.clone()
         keep[r, c] = False
-        expected = _hand_patched(model, graph, batch, keep)
+        expected = patched_metric(model, graph, batch, keep, source_outputs(model, graph, batch.corrupted))
         _assert_metrics_equal(evaluator.evaluate(Circuit(graph, keep, nodes)), expected, name)
         changed += int((expected - full.double()).abs().max() > 1e-3)
     assert changed >= len(edges) // 2
     keep = graph.real_edge_mask & (torch.rand(graph.real_edge_mask.shape, generator=torch.Generator().manual_seed(3)) < 0.5)
-    _assert_metrics_equal(evaluator.evaluate(Circuit(graph, keep, nodes)), _hand_patched(model, graph, batch, keep), name)
+    _assert_metrics_equal(evaluator.evaluate(Circuit(graph, keep, nodes)), patched_metric(model, graph, batch, keep, source_outputs(model, graph, batch.corrupted)), name)
 
 
 def _assert_metrics_equal(ours: torch.Tensor, expected: torch.Tensor, name: str) -> None:

@@ -105,7 +105,7 @@ def test_empty_circuit_interval_is_reported(tiny64, pairs):
 
 
 def test_evaluate_cli_per_example(tiny_dir, tmp_path, capsys):
-    from test_cli import CSV
+    from conftest import CSV
 
     csv = tmp_path / "pairs.csv"
     csv.write_text(CSV)

@@ -19,6 +19,7 @@ from eapcore.select import top_n
 from eapcore.tasks import get_task
 from eapcore.verify import verify
 
+from conftest import plain_pearson, plain_ranks
 from hand_patching import hand_metrics
 
 
@@ -45,28 +46,6 @@ def _removed(graph, *edges) -> torch.Tensor:
     return keep
 
 
-def _plain_pearson(a: list[float], b: list[float]) -> float:
-    n = len(a)
-    ma, mb = sum(a) / n, sum(b) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
-    return cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
-
-
-def _plain_ranks(values: list[float]) -> list[float]:
-    """1 for the smallest; ties get their average rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            out[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 @pytest.mark.parametrize("which", ["tiny", "demo"])
 def test_verify_equals_hand_patching(which, tiny64, tiny_data, demo64, demo_data):
     model, data, k = (tiny64, tiny_data, 8) if which == "tiny" else (demo64, demo_data, 5)
@@ -86,8 +65,8 @@ def test_verify_equals_hand_patching(which, tiny64, tiny_data, demo64, demo_data
     assert sum(abs(e.exact) > 1e-3 for e in result.edges) > k // 2  # not vacuous
 
     est, ex = [e.estimate for e in result.edges], [e.exact for e in result.edges]
-    assert result.pearson == pytest.approx(_plain_pearson(est, ex), rel=1e-9)
-    assert result.spearman == pytest.approx(_plain_pearson(_plain_ranks(est), _plain_ranks(ex)), rel=1e-9)
+    assert result.pearson == pytest.approx(plain_pearson(est, ex), rel=1e-9)
+    assert result.spearman == pytest.approx(plain_pearson(plain_ranks(est), plain_ranks(ex)), rel=1e-9)
     sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
     assert result.sign_agreement == sum(sign(x) == sign(y) for x, y in zip(est, ex)) / k
     worst = sorted(result.edges, key=lambda e: abs(e.estimate - e.exact), reverse=True)
@@ -162,7 +141,7 @@ def test_complement_of_a_given_circuit(tiny64, tiny_data):
 
 
 def test_verify_cli(tiny_dir, tiny64, tiny_data, tmp_path, capsys, monkeypatch):
-    from test_cli import CSV
+    from conftest import CSV
 
     csv = tmp_path / "pairs.csv"
     csv.write_text(CSV)
