@@ -29,6 +29,7 @@ from eapcore.backends import attribution_backend
 from eapcore.data import TokenizedPairs
 from eapcore.families import architecture
 from eapcore.memory import Estimate, attribution_estimate, batch_shapes, human, shape_of_model
+from eapcore.methods import get_method
 from eapcore.models import DTYPES, model_device, model_dtype, model_graph
 
 # First guess, calibrated on this project's CPU (benchmarks/README.md): seconds of overhead per
@@ -99,7 +100,7 @@ def matmul_speed(device: torch.device | str, dtype: torch.dtype = torch.float32)
 def first_guess(model: Any, data: TokenizedPairs, spec: AttributionSpec) -> float:
     """Seconds of a run on this machine, from the model's size alone (see the module docstring)."""
     shape = shape_of_model(model)
-    flops_per_token = (2 if spec.method in ("exact", "information-flow-routes") else 6) * shape.n_params
+    flops_per_token = (6 if get_method(spec.method).takes_gradients else 2) * shape.n_params
     speed = FLOP_EFFICIENCY * matmul_speed(model_device(model), model_dtype(model))
     per_batch = spec.passes_per_batch(model_graph(model))
     batches = batch_shapes(data.data.lengths, spec.batch_size)

@@ -51,6 +51,11 @@ class Method:
         if self.runner not in RUNNERS or self.memory not in MEMORY_PROFILES:
             raise ValueError(f"{self.name}: runner {self.runner!r} or memory profile {self.memory!r} is unknown")
 
+    @property
+    def takes_gradients(self) -> bool:
+        """Its passes run backward (the gradient methods), not forward only."""
+        return self.runner in ("input-interpolation", "activation-interpolation")
+
     def alphas(self, ig_steps: int) -> list[float]:
         """Weights of the clean embeddings at which an input-interpolation method takes gradients."""
         if self.fixed_alphas is not None:
