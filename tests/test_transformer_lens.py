@@ -35,7 +35,6 @@ tl = pytest.importorskip("transformer_lens.tools.analysis.attribution_patching")
 
 TOLERANCE = {"float64": {"scores": 1e-12, "faithfulness": 1e-12}, "float32": {"scores": 1e-5, "faithfulness": 1e-5}}
 N_EXAMPLES = 2
-N_LAYERS = 4  # the demo model's
 
 pytestmark = pytest.mark.slow
 
@@ -90,19 +89,19 @@ def test_faithfulness_equals_transformer_lens_ablate_outside(setup):
         ours = (evaluator.evaluate(circuit) - empty) / (full - empty)  # per example
         edges = circuit.edges.nonzero().tolist()
         for i, batch in enumerate(data.batches(1)):
-            kept = [(_tl_node(graph.src_nodes[r], p, False), _tl_node(graph.dst_nodes[c], p, True))
+            kept = [(_tl_node(graph, graph.src_nodes[r], p, False), _tl_node(graph, graph.dst_nodes[c], p, True))
                     for r, c in edges for p in range(batch.n_pos)]
             theirs = tl.faithfulness(model, batch.clean, batch.corrupted, _metric_fn(batch), kept).recovered
             assert abs(theirs) > 1e-2  # not vacuous
             assert ours[i].item() == pytest.approx(theirs, abs=TOLERANCE[dtype]["faithfulness"])
 
 
-def _tl_node(name: str, position: int, reader: bool):
+def _tl_node(graph, name: str, position: int, reader: bool):
     """An eapcore node name at ``position`` as a TransformerLens node (the inverse of :func:`_node`)."""
     if name == "input":
         return tl.Node("embed", position)
     if name == "logits":
-        return tl.Node("logits", position, N_LAYERS - 1)
+        return tl.Node("logits", position, graph.cfg.n_layers - 1)
     if m := re.fullmatch(r"a(\d+)\.h(\d+)(?:<([qkv])>)?", name):
         kind = f"{m[3]}_input" if m[3] else "attn_head_out"
         return tl.Node(kind, position, int(m[1]), int(m[2]))
