@@ -183,7 +183,7 @@ def _gradient_batch(
         values = intervention.ablated(model, graph, batch, window)
         tick()
         with torch.no_grad():
-            clean_logits = model.run_with_hooks(batch.clean, fwd_hooks=record_sources(graph, values, window, sign=-1))
+            clean_logits = model.run_with_hooks(batch.clean, fwd_hooks=record_sources(model, graph, values, window, sign=-1))
         clean_readout = readout(clean_logits, batch.lengths) if metric.needs_clean_logits else None
         del clean_logits
         tick()

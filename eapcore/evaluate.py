@@ -26,7 +26,7 @@ from eapcore.memory import out_of_memory
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import model_device, model_graph, model_lock
 from eapcore.recording import Hook, new_buffer, record, record_sources, source_outputs
-from eapcore.sites import destinations, from_per_column, sources
+from eapcore.sites import destinations, from_per_column, output_reader, sources
 from eapcore.sparse import SparseCircuitRunner
 
 
@@ -100,7 +100,7 @@ class CircuitEvaluator:
         if self.engine == "sparse":
             clean = new_buffer(self.model, self.graph, batch)
             inputs = torch.empty(2 * self.graph.cfg.n_layers + 1, *clean.shape[1:], dtype=clean.dtype, device=clean.device)
-            hooks = record_sources(self.graph, clean) + sparse.input_recorders(self.graph, inputs)
+            hooks = record_sources(self.model, self.graph, clean) + sparse.input_recorders(self.graph, inputs)
             clean_logits = self.model.run_with_hooks(batch.clean, fwd_hooks=hooks)
             runner = SparseCircuitRunner(self.model, self.graph, ablated, clean, inputs, batch.lengths)
         else:
@@ -163,7 +163,7 @@ class CircuitEvaluator:
         patch = ablated.clone()  # becomes ablated − actual as sources fire
         used_rows = patch_mask.any(1).nonzero().flatten().tolist()
         n_used = self.graph.n_forward if partial is not None else max(used_rows) + 1 if used_rows else 0
-        hooks = [record(s.hook, patch, s.rows, sign=-1) for s in sources(self.graph) if s.rows.start < n_used]
+        hooks = [record(s.hook, patch, s.rows, output_reader(self.model, s), -1) for s in sources(self.graph) if s.rows.start < n_used]
         for d in destinations(self.graph):
             n = d.n_sources
             block = patch_mask[:n, d.cols]

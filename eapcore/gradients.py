@@ -17,7 +17,7 @@ from eapcore.data import Batch
 from eapcore.graph import Graph
 from eapcore.metrics import Metric, readout
 from eapcore.recording import token_embeddings
-from eapcore.sites import Destination, Source, destinations, per_column, source_major, sources
+from eapcore.sites import Destination, Source, destinations, per_column, source_major, sources, stream_hook
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,10 @@ def gradient_pass(
         for d in destinations(graph):
             if d.n_sources > window.start:
                 hooks.append((d.hook, lambda t, hook, d=d: on_grad(t, lambda g: on_destination(d, g))))
-    if on_source is not None:
+    if on_source is not None:  # where the outputs join the stream (for post-normed heads, their normalized sum)
         for s in sources(graph):
             if window.start <= s.rows.start < window.stop:
-                hooks.append((s.hook, lambda t, hook, s=s: on_grad(t, lambda g: on_source(s, g))))
+                hooks.append((stream_hook(model, s), lambda t, hook, s=s: on_grad(t, lambda g: on_source(s, g))))
     hooked_backward(model, batch, metric, clean_readout, hooks, where)
 
 
@@ -152,8 +152,9 @@ def activation_interpolation(
     steps: int, acc: Accumulator, tick: Callable[[], None], where: str,
 ) -> None:
     """For each source group (input, each attention layer, each MLP) in turn, its output set to
-    α·clean + (1 − α)·ablated for α = k/steps, k = 1..steps; the group's own edges (or neurons) take
-    the mean gradient along its path."""
+    α·clean + (1 − α)·ablated for α = k/steps, k = 1..steps, where it joins the residual stream
+    (:func:`eapcore.sites.stream_hook`); the group's own edges (or neurons) take the mean gradient along
+    its path."""
     weight = 1.0 / steps
     for group in sources(acc.graph):
         rows = group.rows
@@ -164,14 +165,14 @@ def activation_interpolation(
             alpha = k / steps
 
             def interpolate(t: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
-                moved = (shift.permute(1, 2, 0, 3) if t.dim() == 4 else shift[0]).to(t.device)
+                moved = (shift.permute(1, 2, 0, 3) if t.dim() == 4 else shift.sum(0)).to(t.device)  # per row, or summed
                 out = (t + (1 - alpha) * moved).detach().requires_grad_(True)
                 if acc.level != "edge":
                     out.register_hook(lambda g: acc.add_neurons(rows, delta, g, weight))
                 return out
 
             gradient_pass(
-                model, acc.graph, batch, metric, clean_readout, (group.hook, interpolate),
+                model, acc.graph, batch, metric, clean_readout, (stream_hook(model, group), interpolate),
                 (lambda d, g: acc.add_edges(d, rows, delta, g, weight)) if acc.level == "edge" else None,
                 None,
                 rows,

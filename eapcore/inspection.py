@@ -1,7 +1,8 @@
 """Node drill-down on one prompt pair: where a head attends, what a node writes to the answer, its edges.
 
 A node's *output* is what its graph source hook carries (``input``: ``hook_embed``, the token embeddings;
-a head: its slice of ``hook_result``; an MLP: ``hook_mlp_out``). Everything is read at the pair's
+a head: its slice of ``hook_result``, times its layer's post-norm scale where the family has one
+(:func:`eapcore.sites.output_reader`); an MLP: ``hook_mlp_out``). Everything is read at the pair's
 read-out position, its last real token, on the clean and on the corrupted prompt.
 
 **Direct logits** of node u on a run: ``d_u = T(c_u) − T(0)`` ``[d_vocab]``, where ``c_u`` ``[d_model]``
@@ -40,7 +41,7 @@ from eapcore.metrics import Metric, get_metric
 from eapcore.models import model_device, model_dtype, model_graph, model_lock
 from eapcore.names import check_node
 from eapcore.recording import record
-from eapcore.sites import source_major, sources
+from eapcore.sites import output_reader, sources
 
 PAIRS_KEPT = 16  # pairs whose runs are kept per model
 _TAIL_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
@@ -102,7 +103,8 @@ def _run_pair(model: Any, batch: Batch) -> PairRuns:
     outputs = torch.empty(graph.n_forward, 2, model.cfg.d_model, dtype=model_dtype(model))
     store: dict[str, torch.Tensor] = {}
     resid = f"blocks.{graph.cfg.n_layers - 1}.hook_resid_post"
-    hooks = [record(s.hook, outputs, s.rows, lambda t: source_major(t[:, last:]).squeeze(2)) for s in sources(graph)]
+    hooks = [record(s.hook, outputs, s.rows, lambda t, read=output_reader(model, s): read(t[:, last:]).squeeze(2))
+             for s in sources(graph)]
     hooks += [record(n, store, n, lambda t: t[:, last].cpu()) for n in (resid, "ln_final.hook_scale")]
     with model_lock(model), torch.inference_mode():
         logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[:, last].cpu()

@@ -26,7 +26,7 @@ import torch
 from eapcore import families
 from eapcore.families import architecture
 from eapcore.graph import Graph, GraphConfig
-from eapcore.sites import destinations, per_column, source_major, sources
+from eapcore.sites import destinations, output_reader, per_column, sources
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_MODEL_DIR = ASSETS / "models" / "demo"
@@ -138,10 +138,19 @@ def prepare_model(model: Any, check: bool = True) -> Any:
     family = families.of(model)
     if family is not None and not family.verified:
         raise _refuse(model, family.refused)
+    if family is not None and family.post_norm is not None:
+        _check_post_norms(model)
     model.eval()
     tokens = _probe_tokens(model)
-    with torch.no_grad():
-        before = model(tokens) if check else None
+    try:
+        with torch.no_grad():
+            before = model(tokens) if check else None
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:  # e.g. OLMo-2 in half precision: TransformerLens 4.3's rotary path mixes dtypes
+        dtype = str(model_dtype(model)).replace("torch.", "")
+        raise _refuse(model, f"fails in TransformerLens's own forward pass in {dtype} ({e}); a model that fails only "
+                             "in half precision may load in float32") from e
     try:
         model.set_use_attn_result(True)
         model.set_use_split_qkv_input(True)
@@ -170,7 +179,9 @@ def ungroup_kv_heads(model: Any) -> None:
     so this repeats each key/value head's projection rows (and biases) once per query head of its group,
     as the ungrouping did: the model computes exactly the same function, with ``n_key_value_heads ==
     n_heads``, at the cost of ``n_heads / n_key_value_heads`` times the k/v projection weights and
-    compute. A no-op for models without grouped heads (and on a second call).
+    compute. A key norm over all key/value heads together (OLMo-2's, ``qk_norm="across-heads"``) gets its
+    weight repeated the same way: the mean square over the repeated keys is the original one, so it too
+    computes the same function. A no-op for models without grouped heads (and on a second call).
     """
     cfg = model.cfg
     n_heads = int(cfg.n_heads)
@@ -180,6 +191,13 @@ def ungroup_kv_heads(model: Any) -> None:
     if n_heads % n_kv:
         raise _refuse(model, f"has {n_heads} query heads, not a multiple of its {n_kv} key/value heads")
     rep = n_heads // n_kv
+    family = families.of(model)
+    across = family is not None and family.qk_norm == "across-heads"
+
+    def repeat(p: torch.nn.Parameter) -> torch.nn.Parameter:  # [n_kv·d_head, ...] -> [n_heads·d_head, ...]
+        return torch.nn.Parameter(p.detach().reshape(n_kv, -1, *p.shape[1:]).repeat_interleave(rep, 0).flatten(0, 1),
+                                  requires_grad=p.requires_grad)
+
     configs = {id(cfg): cfg}
     for block in model.blocks:
         attn = block.attn
@@ -190,18 +208,14 @@ def ungroup_kv_heads(model: Any) -> None:
             weight = getattr(linear, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] % n_kv:
                 raise _refuse(model, f"has grouped key/value heads whose {which} projection eapcore cannot ungroup")
-            d_head = weight.shape[0] // n_kv
-            with torch.no_grad():
-                linear.weight = torch.nn.Parameter(
-                    weight.reshape(n_kv, d_head, -1).repeat_interleave(rep, 0).reshape(n_heads * d_head, -1),
-                    requires_grad=weight.requires_grad,
-                )
-                if getattr(linear, "bias", None) is not None:
-                    bias = linear.bias
-                    linear.bias = torch.nn.Parameter(bias.reshape(n_kv, d_head).repeat_interleave(rep, 0).flatten(),
-                                                     requires_grad=bias.requires_grad)
+            linear.weight = repeat(weight)
+            if getattr(linear, "bias", None) is not None:
+                linear.bias = repeat(linear.bias)
             if hasattr(linear, "out_features"):
-                linear.out_features = n_heads * d_head
+                linear.out_features = n_heads * (weight.shape[0] // n_kv)
+            norm = getattr(hf_attn, f"{which}_norm", None)
+            if across and norm is not None:
+                norm.weight = repeat(norm.weight)
             shared = shared or (hf_attn is not None and any(m is linear for m in hf_attn.modules()))
         if shared:  # separate k/v projections that the Hugging Face module uses too: it is now MHA as well
             if hasattr(hf_attn, "num_key_value_groups"):
@@ -220,6 +234,19 @@ def ungroup_kv_heads(model: Any) -> None:
     cfg.ungroup_grouped_query_attention = True  # marks the model as ungrouped, as EAP-IG expects
 
 
+def _check_post_norms(model: Any) -> None:
+    """Refuse a model of a post-norm family whose blocks lack the post-attention norm, or whose attention
+    output has a bias: the norm would scale the bias by each run's own scale, which belongs to no head."""
+    for layer, block in enumerate(model.blocks):
+        if getattr(getattr(block, "ln1_post", None), "original_component", None) is None:
+            raise _refuse(model, f"has no post-attention norm (ln1_post) in layer {layer}, which its family's entry in "
+                                 "eapcore/families.py promises")
+        if getattr(block.attn.o.original_component, "bias", None) is not None:
+            raise _refuse(model, "has a bias on its attention output, which the post-attention norm scales by each run's "
+                                 "own scale, so it belongs to no head; eapcore supports post-norm models without it "
+                                 "(attention_bias=False, as released)")
+
+
 def _probe_tokens(model: Any) -> torch.Tensor:
     """Two different 6-token sequences (the same positions), on the embedding's device."""
     d_vocab = int(model.cfg.d_vocab)
@@ -232,7 +259,8 @@ def _probe_tokens(model: Any) -> torch.Tensor:
 
 
 # Relative tolerances of check_model: for sums of the same run's activations, and for logits computed
-# along the plain and the hooked path (which may round differently, e.g. float32 softmaxes).
+# along the plain and the hooked path (which may round differently, e.g. float32 softmaxes). A post-norm
+# computes in float32 even in a float64 model, so its heads add up to its output to float32's precision.
 _SUM_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 _LOGIT_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 
@@ -243,14 +271,18 @@ def check_model(model: Any, tokens: torch.Tensor | None = None, reference_logits
     Every source and destination hook must fire with the graph's shape (k/v inputs one slice per query
     head), and every destination input, minus the sum of the source outputs it reads in the graph, must
     not depend on the input (only on the position: positional embeddings, biases). That is exactly what
-    edge attribution and circuit evaluation assume; it fails for post-sublayer norms (Gemma-2), scaled
-    residual streams, or a wrong parallel attention/MLP flag. With ``reference_logits`` (the same
+    edge attribution and circuit evaluation assume; it fails for post-sublayer norms that the model's
+    family does not declare (heads read without the norm's scale, :func:`eapcore.sites.output_reader`),
+    scaled residual streams, or a wrong parallel attention/MLP flag. With ``reference_logits`` (the same
     ``tokens`` before preparation), the output must not have changed.
     """
     graph = model_graph(model)
     tokens = _probe_tokens(model) if tokens is None else tokens
     dtype = model_dtype(model)
     tol = _SUM_TOL.get(dtype, 1e-1)
+    family = families.of(model)
+    if family is not None and family.post_norm is not None:
+        tol = max(tol, _SUM_TOL[torch.float32])
     from eapcore.recording import record  # eapcore.recording reads this module's dtype and device helpers
 
     store: dict[str, torch.Tensor] = {}
@@ -262,6 +294,10 @@ def check_model(model: Any, tokens: torch.Tensor | None = None, reference_logits
             logits = model.run_with_hooks(tokens, fwd_hooks=[record(n, store, n, as_float) for n in names])
     except KeyError as e:
         raise _refuse(model, f"lacks a hook that EAP needs ({e})") from e
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:  # e.g. an unlisted family whose ungrouped key/value heads its attention cannot take
+        raise _refuse(model, f"fails in its forward pass with the EAP hooks on ({e})") from e
     missing = [n for n in names if n not in store]
     if missing:
         raise _refuse(model, f"never fires the hooks {', '.join(missing)} with the EAP flags on")
@@ -273,7 +309,7 @@ def check_model(model: Any, tokens: torch.Tensor | None = None, reference_logits
         expected = (B, P, graph.cfg.d_model) if n == 1 and t.dim() == 3 else (B, P, n, graph.cfg.d_model)
         if tuple(t.shape) != expected:
             raise _refuse(model, f"fires {s.hook} with shape {tuple(t.shape)}, not {expected}")
-        outs.append(source_major(t))
+        outs.append(output_reader(model, s)(t))
     prefix = torch.cat(outs).cumsum(0)  # prefix[k - 1] = sum of the first k source outputs
     bad = []
     for d in dsts:

@@ -27,7 +27,7 @@ import torch
 from eapcore.data import Batch
 from eapcore.graph import Graph
 from eapcore.models import model_device, model_dtype
-from eapcore.sites import source_major, sources
+from eapcore.sites import output_reader, source_major, sources
 
 Hook = tuple[str, Callable]
 Read = Callable[[torch.Tensor], torch.Tensor]
@@ -50,11 +50,14 @@ def record(hook: str, into: torch.Tensor | dict, at: Any, read: Read = source_ma
     return hook, fn
 
 
-def record_sources(graph: Graph, into: torch.Tensor, window: slice | None = None, sign: int | None = None) -> list[Hook]:
-    """Hooks that keep each source output of ``window`` (default all rows) in ``into`` ``[rows batch pos
-    d_model]``, which holds that window's rows: written, or added ``sign`` times."""
+def record_sources(model: Any, graph: Graph, into: torch.Tensor, window: slice | None = None,
+                   sign: int | None = None) -> list[Hook]:
+    """Hooks that keep each source output of ``window`` (default all rows) of ``model`` in ``into`` ``[rows
+    batch pos d_model]``, which holds that window's rows: written, or added ``sign`` times. Outputs are read
+    as :func:`eapcore.sites.output_reader` says (heads after a post-attention norm carry its scale)."""
     window = window or slice(0, graph.n_forward)
-    return [record(s.hook, into, slice(s.rows.start - window.start, s.rows.stop - window.start), sign=sign)
+    return [record(s.hook, into, slice(s.rows.start - window.start, s.rows.stop - window.start),
+                   output_reader(model, s), sign)
             for s in sources(graph) if window.start <= s.rows.start and s.rows.stop <= window.stop]
 
 
@@ -83,7 +86,7 @@ def source_outputs(
     """Sources' outputs on ``tokens`` (no gradient): ``([rows batch pos d_model], logits)``."""
     out = new_buffer(model, graph, batch, window)
     with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=record_sources(graph, out, window))
+        logits = model.run_with_hooks(tokens, fwd_hooks=record_sources(model, graph, out, window))
     return out, logits
 
 
@@ -92,5 +95,5 @@ def token_embeddings(model: Any, graph: Graph, batch: Batch, tokens: torch.Tenso
     ``[batch pos d_model]``; the blocks are not run."""
     out = new_buffer(model, graph, batch, slice(0, 1))
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=record_sources(graph, out, slice(0, 1)), stop_at_layer=0)
+        model.run_with_hooks(tokens, fwd_hooks=record_sources(model, graph, out, slice(0, 1)), stop_at_layer=0)
     return out[0]
