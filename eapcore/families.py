@@ -2,10 +2,10 @@
 
 An entry says whether eapcore runs the architecture (``refused`` is None) or refuses it and why, and
 describes what the engine needs to know about it: the norm before attention and MLP (:data:`NORMS`),
-the attention (:data:`ATTENTIONS`, per-head q/k norms), a config multiplier that scales every
-attention and MLP output (``output_scale``), whether attention and MLP run in parallel, any norm
-applied to sub-layer outputs before they join the residual stream (``post_norm``), and which fast
-paths run it: ``unsplit`` gradient passes (:mod:`eapcore.fastgrad`) and ``sparse`` circuit evaluation
+the attention (:data:`ATTENTIONS`, q/k norms: :data:`QK_NORMS`), a config multiplier that scales every
+attention and MLP output (``output_scale``), whether attention and MLP run in parallel, the norm
+applied to each attention and MLP output before it joins the residual stream (``post_norm``, whose
+scale each head's output carries: :class:`eapcore.sites.PostNorm`), and which fast paths run it: ``unsplit`` gradient passes (:mod:`eapcore.fastgrad`) and ``sparse`` circuit evaluation
 (:mod:`eapcore.sparse`). :mod:`eapcore.backends` turns the fast paths into the choice of backend;
 :mod:`eapcore.models` refuses and warns from it. Adding a family is one entry here plus its tiny
 config in ``FAMILIES`` of ``tests/conftest.py`` (docs/architecture.md, "How to add a family").
@@ -17,10 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 NORMS = {
+    "none": "no norm (OLMo-2 normalizes sub-layer outputs only)",
     "layernorm": "LayerNorm, (x − μ)/σ · γ + β",
     "layernorm-free": "LayerNorm without weight or bias (OLMo), (x − μ)/σ",
     "rmsnorm": "RMSNorm, x/rms(x) · γ",
     "rmsnorm-1p": "Gemma's RMSNorm, x/rms(x) · (1 + γ)",
+}
+QK_NORMS = {
+    "per-head": "an RMSNorm over each head's query and key",
+    "across-heads": "an RMSNorm over all heads' queries (keys) together, so a head's q (k) input also reaches the "
+                    "other heads' queries (keys) of its layer",
 }
 ATTENTIONS = {
     "plain": "scaled dot-product attention, positions from a learned embedding",
@@ -31,11 +37,11 @@ ATTENTIONS = {
 
 @dataclass(frozen=True)
 class Family:
-    """One architecture (``model_type``: its config's). ``norm`` and ``attention`` name entries of
-    :data:`NORMS` and :data:`ATTENTIONS`; ``parallel``: None (attention, then MLP), ``"always"``, or the
+    """One architecture (``model_type``: its config's). ``norm``, ``attention`` and ``qk_norm`` name entries
+    of :data:`NORMS`, :data:`ATTENTIONS` and :data:`QK_NORMS`; ``parallel``: None (attention, then MLP), ``"always"``, or the
     config flag that decides (GPT-NeoX); ``output_scale``: the config attribute that multiplies each
     sub-layer output (Granite); ``post_norm``: the norm kind applied to each attention and MLP output
-    before it is added (Gemma-2); ``sparse_config``: config values that sparse evaluation requires (an
+    before it is added (Gemma-2, OLMo-2; a head's output then carries its layer's post-norm scale); ``sparse_config``: config values that sparse evaluation requires (an
     allow-list); ``refused``: why eapcore refuses it (None: verified)."""
 
     architecture: str
@@ -43,7 +49,7 @@ class Family:
     label: str
     norm: str | None = None
     attention: str | None = None
-    qk_norm: bool = False
+    qk_norm: str | None = None
     output_scale: str | None = None
     parallel: str | None = None
     post_norm: str | None = None
@@ -53,7 +59,8 @@ class Family:
     refused: str | None = None
 
     def __post_init__(self) -> None:
-        for kind, table in ((self.norm, NORMS), (self.post_norm, NORMS), (self.attention, ATTENTIONS)):
+        for kind, table in ((self.norm, NORMS), (self.post_norm, NORMS), (self.attention, ATTENTIONS),
+                            (self.qk_norm, QK_NORMS)):
             if kind is not None and kind not in table:
                 raise ValueError(f"{self.architecture}: unknown kind {kind!r}; known: {', '.join(table)}")
         if self.refused is None and (self.norm is None or self.attention is None):
@@ -77,11 +84,6 @@ class Family:
         return None
 
 
-_POST_NORM = (
-    "normalizes each attention and MLP output before adding it to the residual stream (post-sublayer "
-    "norms), so the residual stream is not the sum of the per-head and MLP outputs and an edge has no "
-    "exact meaning"
-)
 _SHARED_NORM = (
     "runs attention and MLP in parallel from one shared input norm; TransformerLens 4.3's bridge then "
     "has no separate MLP-input hook (hook_mlp_in never fires), so MLP input edges cannot be patched"
@@ -102,7 +104,7 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     Family("LlamaForCausalLM", "llama", "Llama", **_LLAMA, sparse=True),
     Family("MistralForCausalLM", "mistral", "Mistral", **_LLAMA, sparse=True),
     Family("Qwen2ForCausalLM", "qwen2", "Qwen2 / Qwen2.5", **_LLAMA, sparse=True),
-    Family("Qwen3ForCausalLM", "qwen3", "Qwen3", **_LLAMA, qk_norm=True, sparse=True),
+    Family("Qwen3ForCausalLM", "qwen3", "Qwen3", **_LLAMA, qk_norm="per-head", sparse=True),
     Family("GemmaForCausalLM", "gemma", "Gemma (1)", "rmsnorm-1p", "rotary"),
     Family("Phi3ForCausalLM", "phi3", "Phi-3", **_LLAMA),
     Family("OlmoForCausalLM", "olmo", "OLMo (1)", "layernorm-free", "rotary", unsplit=True),
@@ -110,13 +112,15 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     Family("GPTBigCodeForCausalLM", "gpt_bigcode", "GPT-BigCode / SantaCoder", "layernorm", "plain", unsplit=True),
     Family("GraniteForCausalLM", "granite", "Granite", **_LLAMA, output_scale="residual_multiplier"),
     Family("SmolLM3ForCausalLM", "smollm3", "SmolLM3", **_LLAMA),
+    # Post-sublayer norms: each head's output carries its layer's post-norm scale (eapcore.sites.PostNorm)
+    Family("Gemma2ForCausalLM", "gemma2", "Gemma-2", "rmsnorm-1p", "rotary", post_norm="rmsnorm-1p"),
+    Family("Gemma3ForCausalLM", "gemma3_text", "Gemma-3", "rmsnorm-1p", "rotary", qk_norm="per-head",
+           post_norm="rmsnorm-1p"),
+    Family("Gemma3ForConditionalGeneration", "gemma3", "Gemma-3 (multimodal, text prompts)", "rmsnorm-1p", "rotary",
+           qk_norm="per-head", post_norm="rmsnorm-1p"),
+    Family("Olmo2ForCausalLM", "olmo2", "OLMo-2", "none", "rotary", qk_norm="across-heads", post_norm="rmsnorm"),
+    Family("Olmo3ForCausalLM", "olmo3", "OLMo-3", "none", "rotary", qk_norm="across-heads", post_norm="rmsnorm"),
     # Refused: checked with tiny random configs (tests/test_families.py checks a representative subset)
-    Family("Gemma2ForCausalLM", "gemma2", "Gemma-2", post_norm="rmsnorm-1p", refused=_POST_NORM),
-    Family("Gemma3ForCausalLM", "gemma3_text", "Gemma-3", post_norm="rmsnorm-1p", refused=_POST_NORM),
-    Family("Gemma3ForConditionalGeneration", "gemma3", "Gemma-3 (multimodal)", post_norm="rmsnorm-1p",
-           refused=_POST_NORM),
-    Family("Olmo2ForCausalLM", "olmo2", "OLMo-2", post_norm="rmsnorm", refused=_POST_NORM),
-    Family("Olmo3ForCausalLM", "olmo3", "OLMo-3", post_norm="rmsnorm", refused=_POST_NORM),
     Family("PhiForCausalLM", "phi", "Phi (1, 1.5, 2)", parallel="always", refused=_SHARED_NORM),
     Family("FalconForCausalLM", "falcon", "Falcon", parallel="parallel_attn", refused=_SHARED_NORM),
     Family("CohereForCausalLM", "cohere", "Cohere", parallel="always", refused=_SHARED_NORM),

@@ -122,6 +122,15 @@ FAMILIES = {
     "gpt-bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_positions=32, multi_query=True, **TOKENS), False, 1),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(GQA, residual_multiplier=0.5, embedding_multiplier=2.0), False, 2),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", GQA, False, 2),
+    # post-sublayer norms (sliding windows shorter than the prompts, Gemma-2's soft-capping on)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(GQA, head_dim=4, sliding_window=3), False, 2),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(GQA, head_dim=4, sliding_window=3), False, 2),
+    "gemma3-multimodal": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
+        text_config=dict(GQA, head_dim=4, sliding_window=3), mm_tokens_per_image=4, vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4),
+    ), False, 2),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", GQA, False, 2),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(BASE, sliding_window=3), False, 4),
 }
 
 

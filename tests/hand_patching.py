@@ -2,7 +2,12 @@
 evaluator, sites or interventions): every edge outside ``keep`` carries ``ablated[u]`` instead of u's actual
 output in the same run. ``ablated`` is built here for each intervention: the corrupted run's outputs, zeros,
 or means over the clean prompts' real positions (per position for mean-positional). Also the hook names of
-nodes, read from their names, for other hand-made checks (tests/test_families.py)."""
+nodes, read from their names, for other hand-made checks (tests/test_families.py).
+
+A head's output is its slice of ``hook_result``; where the block normalizes its attention output before
+adding it (the bridge's ``ln1_post``: Gemma-2/3, OLMo-2/3), it is that slice times the norm's scale
+1/rms(Σ heads' results) and weight of the same run (:func:`head_outputs`), written out here from the
+norm's definition."""
 
 from __future__ import annotations
 
@@ -34,16 +39,37 @@ def destination_site(name: str, n_layers: int) -> tuple[str, int | None]:
     return f"blocks.{name[1:]}.hook_mlp_in", None
 
 
+def head_outputs(model, layer: int, results: torch.Tensor) -> torch.Tensor:
+    """Heads' outputs ``[batch pos head d_model]`` from their results: the results, or where the block
+    RMS-normalizes its attention output (``ln1_post``), each result · γ / sqrt(mean(x²) + eps), with x the sum
+    of the results of the same run and γ the norm's weight w, or 1 + w where it says so (Gemma's)."""
+    norm = getattr(model.blocks[layer], "ln1_post", None)
+    if norm is None:
+        return results
+    module = norm.original_component
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    gamma = 1 + module.weight if norm.uses_weight_offset else module.weight
+    x = results.sum(2)
+    return results * (gamma / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()).unsqueeze(2)
+
+
+def _output(model, u: str, t: torch.Tensor) -> torch.Tensor:
+    """Source ``u``'s output ``[batch pos d_model]`` from the tensor at its hook."""
+    if (m := re.fullmatch(r"a(\d+)\.h(\d+)", u)) is None:
+        return t
+    return head_outputs(model, int(m[1]), t)[:, :, int(m[2])]
+
+
 def source_outputs(model, graph, tokens) -> dict[str, torch.Tensor]:
     """Every source node's output ``[batch pos d_model]`` on ``tokens``, by node name."""
     store = {}
 
-    def keep(name, head):
+    def keep(name):
         def hook(t, hook):
-            store[name] = (t if head is None else t[:, :, head]).detach().clone()
+            store[name] = _output(model, name, t.detach()).clone()
         return hook
 
-    hooks = [(site[0], keep(n, site[1])) for n in graph.src_nodes for site in [source_site(n)]]
+    hooks = [(source_site(n)[0], keep(n)) for n in graph.src_nodes]
     with torch.no_grad():
         model.run_with_hooks(tokens, fwd_hooks=hooks)
     return store
@@ -85,11 +111,9 @@ def patched_metric(model, graph, batch, keep: torch.Tensor, ablated: dict[str, t
     actual: dict[str, torch.Tensor] = {}
     hooks = []
     for u in graph.src_nodes:
-        site, head = source_site(u)
-
-        def record(t, hook, u=u, head=head):
-            actual[u] = t if head is None else t[:, :, head]
-        hooks.append((site, record))
+        def record(t, hook, u=u):
+            actual[u] = _output(model, u, t)
+        hooks.append((source_site(u)[0], record))
     for col, v in enumerate(graph.dst_nodes):
         removed = [graph.src_nodes[r] for r in range(graph.n_forward) if graph.real_edge_mask[r, col] and not keep[r, col]]
         if removed:

@@ -39,7 +39,7 @@ from eapcore.models import (
 )
 
 from conftest import FAMILIES, GQA, BASE, TOKENS, V, hf_model, save_with_tiny_tokenizer
-from hand_patching import add_at, destination_site, patched_metric, source_outputs
+from hand_patching import add_at, destination_site, head_outputs, patched_metric, source_outputs
 
 SEEDS = {"gpt-bigcode": 1}  # where seed 0 gives a model on which the corruption hardly matters
 # The bridge's own GPT-NeoX attention differs from Hugging Face's by ~2e-7 in float64. eapcore.sparse calls
@@ -48,8 +48,6 @@ BRIDGE_NOISE = {"pythia": 1e-6, "neox-sequential": 1e-6}
 
 # name: (config class, model class, config kwargs, words expected in the refusal)
 REFUSED = {
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(GQA, head_dim=4), "post-sublayer norms"),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", BASE, "post-sublayer norms"),
     "phi": ("PhiConfig", "PhiForCausalLM", BASE, "hook_mlp_in never fires"),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(BASE, ffn_dim=32, word_embed_proj_dim=16), "per-head results"),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", GQA, "differ"),
@@ -85,9 +83,11 @@ def data(family, pairs):
     return tokenize(pairs, family[2].tokenizer)
 
 
-def _edge_gradients(model, graph, batch, delta) -> torch.Tensor:
+def _edge_gradients(model, graph, batch, delta, moved: tuple[list[int], float] | None = None) -> torch.Tensor:
     """d loss / dε[u, v] at ε = 0 for every edge, where v's input gets Σ_u ε[u, v]·Δ_u added (loss summed
-    over the batch). At ε = 0 each partial derivative is that of patching the one edge (u, v) alone."""
+    over the batch). At ε = 0 each partial derivative is that of patching the one edge (u, v) alone.
+    ``moved`` = (rows, α): every input that reads those sources also gets (1 − α)·Σ_rows Δ, i.e. their
+    outputs are moved to α·clean + (1 − α)·ablated and everything downstream recomputed."""
     metric = get_metric("logit_diff")
     eps = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64, requires_grad=True)
     stacked = torch.stack([delta[u] for u in graph.src_nodes])  # [n_forward batch pos d_model]
@@ -95,9 +95,12 @@ def _edge_gradients(model, graph, batch, delta) -> torch.Tensor:
     for col, v in enumerate(graph.dst_nodes):
         site, head = destination_site(v, graph.cfg.n_layers)
         parents = [r for r in range(graph.n_forward) if graph.real_edge_mask[r, col]]
+        shift = 0
+        if moved is not None and graph.real_edge_mask[moved[0][0], col]:
+            shift = (1 - moved[1]) * stacked[moved[0]].sum(0)
 
-        def perturb(t, hook, col=col, head=head, parents=parents):
-            return add_at(head, torch.einsum("u,ubpd->bpd", eps[parents, col], stacked[parents]))(t, hook)
+        def perturb(t, hook, col=col, head=head, parents=parents, shift=shift):
+            return add_at(head, torch.einsum("u,ubpd->bpd", eps[parents, col], stacked[parents]) + shift)(t, hook)
         hooks.append((site, perturb))
     with torch.enable_grad():
         logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
@@ -139,21 +142,31 @@ def _normalized(x: torch.Tensor, kind: str, module) -> torch.Tensor:
 
 
 def test_the_registry_describes_the_model(family):
-    """Norm kind, attention kind, q/k norms, output scale and parallel attention/MLP, as the entry says."""
+    """Norm kinds before and after the sub-layers, attention kind, q/k norms, output scale and parallel
+    attention/MLP, as the entry says."""
     name, _, model = family
     entry, hf = families.of(model), model.original_model
-    assert entry is not None and entry.verified and entry.post_norm is None
+    assert entry is not None and entry.verified
     x = torch.randn(2, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for block in model.blocks:
-        for norm in (block.ln1.original_component, block.ln2.original_component):
-            torch.testing.assert_close(norm(x), _normalized(x, entry.norm, norm), rtol=1e-6, atol=1e-6)
+        for kind, names in ((entry.norm, ("ln1", "ln2")), (entry.post_norm, ("ln1_post", "ln2_post"))):
+            norms = [getattr(block, n, None) for n in names]
+            if kind in (None, "none"):
+                assert norms == [None, None]
+                continue
+            for norm in (n.original_component for n in norms):
+                torch.testing.assert_close(norm(x), _normalized(x, kind, norm), rtol=1e-6, atol=1e-6)
     inner = getattr(hf, "model", None) or getattr(hf, "gpt_neox", None) or hf.transformer
+    inner = getattr(inner, "language_model", inner)  # a multimodal model's
+    config = hf.config.get_text_config()
     assert (getattr(inner, "rotary_emb", None) is not None) == (entry.attention != "plain")
     if entry.attention != "plain":
-        partial = (getattr(hf.config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
         assert (entry.attention == "partial-rotary") == (partial < 1)
-    attn = model.blocks[0].attn.original_component
-    assert (getattr(attn, "q_norm", None) is not None) == entry.qk_norm
+    q_norm = getattr(model.blocks[0].attn.original_component, "q_norm", None)
+    assert (q_norm is not None) == (entry.qk_norm is not None)
+    if q_norm is not None:  # over one head's query, or over all heads' queries together
+        assert q_norm.weight.numel() == {"per-head": 1, "across-heads": 4}[entry.qk_norm] * model.cfg.d_head
     assert entry.output_scale is None or getattr(hf.config, entry.output_scale) != 1.0
     assert entry.parallel_attn_mlp(hf.config) == FAMILIES[name][3] == model_graph(model).cfg.parallel_attn_mlp
 
@@ -183,11 +196,12 @@ def test_logits_equal_hugging_face(family):
 
 
 def test_hooks_add_up(family):
-    """Per-head results (+ b_O) sum to the attention output; the logits' input is the sum of the source
-    outputs plus constants (positional embeddings, output biases); q/k/v inputs are per-query-head copies
-    of the residual stream."""
+    """Per-head outputs (+ b_O) sum to the attention output (after its norm, where the family has one:
+    tests/hand_patching.py's head_outputs); the logits' input is the sum of the source outputs plus constants
+    (positional embeddings, output biases); q/k/v inputs are per-query-head copies of the residual stream."""
     name, _, model = family
     L, H = 2, 4
+    tol = 1e-6 if families.of(model).post_norm else 1e-10  # post-norms compute in float32 even in float64 models
     tokens = torch.tensor([[0, 3, 4, 5, 6], [0, 7, 8, 9, 10]])
     names = ["hook_embed", f"blocks.{L - 1}.hook_resid_post"] + (["hook_pos_embed"] if "hook_pos_embed" in model.hook_dict else [])
     for l in range(L):
@@ -205,19 +219,20 @@ def test_hooks_add_up(family):
     total = store["hook_embed"] + store.get("hook_pos_embed", 0)
     for l in range(L):
         b_O = model.blocks[l].attn.b_O
-        heads = store[f"blocks.{l}.attn.hook_result"].sum(2) + (0 if b_O is None else b_O)
-        torch.testing.assert_close(heads, store[f"blocks.{l}.hook_attn_out"], rtol=1e-10, atol=1e-10)
+        heads = head_outputs(model, l, store[f"blocks.{l}.attn.hook_result"]).sum(2) + (0 if b_O is None else b_O)
+        torch.testing.assert_close(heads, store[f"blocks.{l}.hook_attn_out"], rtol=tol, atol=tol)
         total = total + heads + store[f"blocks.{l}.hook_mlp_out"]
         for w in "qkv":
             x = store[f"blocks.{l}.hook_{w}_input"]
             assert x.shape == (2, 5, H, 16)
             torch.testing.assert_close(x, store[f"blocks.{l}.hook_resid_pre"].unsqueeze(2).expand_as(x), rtol=0, atol=0)
-    torch.testing.assert_close(total, store[f"blocks.{L - 1}.hook_resid_post"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(total, store[f"blocks.{L - 1}.hook_resid_post"], rtol=tol, atol=tol)
 
 
 def test_key_value_inputs_are_per_query_head(family):
     """After ungrouping, a k (or v) input edit for query head 0 changes head 0's result only, although
-    head 1 shared its key/value head before ungrouping."""
+    head 1 shared its key/value head before ungrouping; but a key norm over all heads together (OLMo-2's)
+    carries a k edit to every head's key."""
     name, _, model = family
     grouped = FAMILIES[name][4] < 4
     assert model.cfg.n_key_value_heads in (None, 4) and getattr(model.cfg, "ungroup_grouped_query_attention", False) == grouped
@@ -236,9 +251,10 @@ def test_key_value_inputs_are_per_query_head(family):
             model.run_with_hooks(
                 tokens, fwd_hooks=[(f"blocks.1.hook_{which}_input", add_at(0, edit)), ("blocks.1.attn.hook_result", keep(which))]
             )
+    across = families.of(model).qk_norm == "across-heads"
     for which in "kv":
         change = (results[which] - results["clean"]).abs().amax(dim=(0, 1, 3))
-        assert change[0] > 1e-3 and float(change[1:].max()) == 0.0, (which, change)
+        assert change[0] > 1e-3 and (float(change[1:].min()) > 0 if across and which == "k" else float(change[1:].max()) == 0.0), (which, change)
 
 
 def test_eap_scores_equal_exact_edge_derivatives(family, data):
@@ -257,6 +273,53 @@ def test_eap_scores_equal_exact_edge_derivatives(family, data):
     for which in "kv":
         h0, h1 = (expected[:, graph.dst_index[f"a1.h{h}<{which}>"]] for h in (0, 1))
         assert float((h0 - h1).abs().max()) > 1e-3 * scale
+
+
+def test_activation_interpolation_and_node_scores_equal_exact_derivatives(family, data):
+    """EAP-IG-activations (2 steps): the edges of each source group (input, a layer's heads, an MLP) get the mean
+    over α ∈ {1/2, 1} of the exact edge derivatives of the run with that group's outputs moved to
+    α·clean + (1 − α)·ablated. Node scores are the row sums of edge scores (∂L/∂a_u = Σ over u's children of
+    ∂L/∂h_v), and neuron scores sum to them, for EAP and EAP-IG-activations."""
+    name, _, model = family
+    graph = model_graph(model)
+    spec = dict(method="EAP-IG-activations", ig_steps=2, batch_size=3)
+    ours = attribute(model, data, AttributionSpec(**spec)).edges
+    (batch,) = data.batches(len(data))
+    clean, corrupted = source_outputs(model, graph, batch.clean), source_outputs(model, graph, batch.corrupted)
+    delta = {u: corrupted[u] - clean[u] for u in graph.src_nodes}
+    at_clean = _edge_gradients(model, graph, batch, delta)
+    groups = [[0]] + [rows for l in range(graph.cfg.n_layers)
+                      for rows in ([graph.head_index(l, h) for h in range(graph.cfg.n_heads)], [graph.mlp_index(l)])]
+    expected = torch.zeros_like(at_clean)
+    for rows in groups:
+        expected[rows] = (at_clean[rows] + _edge_gradients(model, graph, batch, delta, (rows, 0.5))[rows]) / 2
+    expected /= len(data)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7 * float(expected.abs().max()))
+    for method in ("EAP", "EAP-IG-activations"):
+        edges = ours if method != "EAP" else attribute(model, data, AttributionSpec(method="EAP", batch_size=3)).edges
+        node = attribute(model, data, AttributionSpec(**dict(spec, method=method), level="node")).nodes
+        neuron = attribute(model, data, AttributionSpec(**dict(spec, method=method), level="neuron")).neurons
+        scale = float(node.abs().max())
+        torch.testing.assert_close(node, edges.sum(1), rtol=1e-5, atol=1e-7 * scale)
+        torch.testing.assert_close(neuron.sum(-1), node, rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_post_normed_heads_direct_logits_add_up_to_the_logits(family, data):
+    """The drill-down reads each head after its layer's post-norm: with no biases or positional embeddings in
+    these families, the direct logits of all nodes add up to the logits. Gemma-2's final soft-capping is not
+    affine, so the drill-down refuses it."""
+    name, _, model = family
+    if not families.of(model).post_norm:
+        pytest.skip("a family without post-norms (its direct logits: tests/test_inspection.py)")
+    from eapcore import inspection
+
+    if name == "gemma2":
+        with pytest.raises(ValueError, match="do not reproduce its logits"):
+            inspection.pair_runs(model, data, 0)
+        return
+    runs = inspection.pair_runs(model, data, 0)
+    total = sum(inspection.direct_logits(model, runs, row) for row in range(model_graph(model).n_forward))
+    torch.testing.assert_close(total, runs.logits.double(), rtol=0, atol=1e-6 * float(runs.logits.abs().max()))
 
 
 def test_full_circuit_is_clean_and_empty_is_corrupted(family, data):
@@ -313,20 +376,52 @@ def test_unsupported_families_are_refused(name, tmp_path):
     assert words in str(info.value) and "docs/families.md" in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["gemma2", "olmo2", "phi"])
-def test_the_generic_check_finds_what_the_list_refuses(name, tmp_path):
-    """Without the list of refused families, :func:`check_model` still refuses them on a probe input."""
+@pytest.mark.parametrize("name, entry, words", [
+    ("phi", "refused", "never fires"),
+    ("gemma2", None, "residual stream"),
+    ("olmo3", None, "residual stream"),
+    ("gemma2", dict(post_norm=None), "residual stream"),
+    ("gemma2", dict(post_norm="rmsnorm"), "residual stream"),
+    ("olmo2", None, "forward pass"),  # GQA: without its entry, its key norm over all heads is not ungrouped
+])
+def test_the_generic_check_finds_what_the_list_refuses(name, entry, words, tmp_path, monkeypatch):
+    """:func:`check_model` alone refuses, on a probe input, a family that the list refuses (Phi), and a post-norm
+    family whose registry entry is missing (its heads then read without the norm's scale), says it has no
+    post-norm, or names the wrong one (OLMo's weight w for Gemma's 1 + w)."""
+    from dataclasses import replace
+
     from transformer_lens.model_bridge import TransformerBridge
 
-    config_cls, model_cls, kwargs, _ = REFUSED[name]
+    config_cls, model_cls, kwargs = (REFUSED[name] if entry == "refused" else FAMILIES[name])[:3]
+    if entry is None:
+        monkeypatch.delitem(families.FAMILIES, model_cls)
+    elif entry != "refused":
+        monkeypatch.setitem(families.FAMILIES, model_cls, replace(families.FAMILIES[model_cls], **entry))
     path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, kwargs))
     model = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float64)
     model.set_use_attn_result(True)
     model.set_use_split_qkv_input(True)
     model.set_use_hook_mlp_in(True)
     ungroup_kv_heads(model)
-    with pytest.raises(UnsupportedModelError, match="residual stream|never fires"):
+    with pytest.raises(UnsupportedModelError, match=words):
         check_model(model)
+
+
+def test_post_norm_models_with_an_attention_output_bias_are_refused(tmp_path):
+    """The post-attention norm would scale the bias by each run's own scale, which belongs to no head."""
+    config_cls, model_cls, kwargs = FAMILIES["gemma2"][:3]
+    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, dict(kwargs, attention_bias=True)))
+    with pytest.raises(UnsupportedModelError, match="Gemma2ForCausalLM is not supported.*bias on its attention output"):
+        load_model(str(path), device="cpu", dtype="float64")
+
+
+def test_olmo2_in_half_precision_is_refused_clearly(tmp_path):
+    """TransformerLens 4.3's bridge fails on OLMo-2/3 in half precision (its rotary path returns float32 queries
+    and keys, which meet bfloat16 values), even without the EAP hooks: a clear refusal, not a crash."""
+    config_cls, model_cls, kwargs = FAMILIES["olmo2"][:3]
+    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, kwargs))
+    with pytest.raises(UnsupportedModelError, match="Olmo2ForCausalLM is not supported.*forward pass in bfloat16.*float32"):
+        load_model(str(path), device="cpu", dtype="bfloat16")
 
 
 def test_unverified_families_that_pass_the_check_load_with_a_warning(tmp_path, monkeypatch):
