@@ -120,7 +120,7 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
            qk_norm="per-head", post_norm="rmsnorm-1p"),
     Family("Olmo2ForCausalLM", "olmo2", "OLMo-2", "none", "rotary", qk_norm="across-heads", post_norm="rmsnorm"),
     Family("Olmo3ForCausalLM", "olmo3", "OLMo-3", "none", "rotary", qk_norm="across-heads", post_norm="rmsnorm"),
-    # Refused: checked with tiny random configs (tests/test_families.py checks a representative subset)
+    # Refused: checked with tiny random configs (tests/test_refusals.py checks a representative subset)
     Family("PhiForCausalLM", "phi", "Phi (1, 1.5, 2)", parallel="always", refused=_SHARED_NORM),
     Family("FalconForCausalLM", "falcon", "Falcon", parallel="parallel_attn", refused=_SHARED_NORM),
     Family("CohereForCausalLM", "cohere", "Cohere", parallel="always", refused=_SHARED_NORM),

@@ -9,9 +9,8 @@ patch machinery):
   (a_u(corrupted) − a_u(actual, this run)), patched by hand from node names.
 
 Grouped-query (GQA) and multi-query models are ungrouped on loading (one k/v input per query head, as in
-EAP-IG), which the tests check too. Refused families must fail with a clear UnsupportedModelError. What the
-registry (eapcore.families) says of each family is checked against its model, and each fast path it claims
-against the general one. Adding a family: its entry in eapcore/families.py and its tiny config in FAMILIES (tests/conftest.py).
+EAP-IG), which the tests check too. What the registry (eapcore.families) says of each family is checked
+against its model, and each fast path it claims against the general one (refusals: tests/test_refusals.py). Adding a family: its entry in eapcore/families.py and its tiny config in FAMILIES (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -28,33 +27,15 @@ from eapcore.circuit import Circuit
 from eapcore.data import tokenize
 from eapcore.evaluate import CircuitEvaluator
 from eapcore.metrics import get_metric, readout
-from eapcore.models import (
-    UnsupportedModelError,
-    architecture,
-    check_model,
-    load_model,
-    model_graph,
-    prepare_model,
-    ungroup_kv_heads,
-)
+from eapcore.models import architecture, load_model, model_graph
 
-from conftest import FAMILIES, GQA, BASE, TOKENS, V, hf_model, save_with_tiny_tokenizer
+from conftest import FAMILIES, hf_model, save_with_tiny_tokenizer
 from hand_patching import add_at, destination_site, head_outputs, patched_metric, source_outputs
 
 SEEDS = {"gpt-bigcode": 1}  # where seed 0 gives a model on which the corruption hardly matters
 # The bridge's own GPT-NeoX attention differs from Hugging Face's by ~2e-7 in float64. eapcore.sparse calls
 # Hugging Face's modules (and matches its logits to ~1e-15), so it differs from hooked runs by as much.
 BRIDGE_NOISE = {"pythia": 1e-6, "neox-sequential": 1e-6}
-
-# name: (config class, model class, config kwargs, words expected in the refusal)
-REFUSED = {
-    "phi": ("PhiConfig", "PhiForCausalLM", BASE, "hook_mlp_in never fires"),
-    "opt": ("OPTConfig", "OPTForCausalLM", dict(BASE, ffn_dim=32, word_embed_proj_dim=16), "per-head results"),
-    "stablelm": ("StableLmConfig", "StableLmForCausalLM", GQA, "differ"),
-    "codegen": ("CodeGenConfig", "CodeGenForCausalLM",
-                dict(vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_positions=32, rotary_dim=4, **TOKENS), "bridge"),
-}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -116,11 +97,6 @@ def _sample_edges(graph, n: int, seed: int) -> list[tuple[int, int]]:
 
 
 # ----- tests -----
-def test_verified_list_is_what_is_tested():
-    assert families.verified() == sorted({spec[1] for spec in FAMILIES.values()})
-    assert all(not families.get(spec[1]).verified for spec in REFUSED.values())
-
-
 def test_docs_list_every_family():
     from pathlib import Path
 
@@ -367,73 +343,6 @@ def _assert_metrics_equal(ours: torch.Tensor, expected: torch.Tensor, name: str)
     per-example metrics."""
     tol = max(1e-9, BRIDGE_NOISE.get(name, 0.0)) if ours.dtype == torch.float64 else 1e-5
     torch.testing.assert_close(ours.double(), expected, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("name", list(REFUSED))
-def test_unsupported_families_are_refused(name, tmp_path):
-    config_cls, model_cls, kwargs, words = REFUSED[name]
-    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, kwargs))
-    with pytest.raises(UnsupportedModelError, match=f"{model_cls} is not supported") as info:
-        load_model(str(path), device="cpu", dtype="float64")
-    assert words in str(info.value) and "docs/families.md" in str(info.value)
-
-
-@pytest.mark.parametrize("name, entry, words", [
-    ("phi", "refused", "never fires"),
-    ("gemma2", None, "residual stream"),
-    ("olmo3", None, "residual stream"),
-    ("gemma2", dict(post_norm=None), "residual stream"),
-    ("gemma2", dict(post_norm="rmsnorm"), "residual stream"),
-    ("olmo2", None, "forward pass"),  # GQA: without its entry, its key norm over all heads is not ungrouped
-])
-def test_the_generic_check_finds_what_the_list_refuses(name, entry, words, tmp_path, monkeypatch):
-    """:func:`check_model` alone refuses, on a probe input, a family that the list refuses (Phi), and a post-norm
-    family whose registry entry is missing (its heads then read without the norm's scale), says it has no
-    post-norm, or names the wrong one (OLMo's weight w for Gemma's 1 + w)."""
-    from dataclasses import replace
-
-    from transformer_lens.model_bridge import TransformerBridge
-
-    config_cls, model_cls, kwargs = (REFUSED[name] if entry == "refused" else FAMILIES[name])[:3]
-    if entry is None:
-        monkeypatch.delitem(families.FAMILIES, model_cls)
-    elif entry != "refused":
-        monkeypatch.setitem(families.FAMILIES, model_cls, replace(families.FAMILIES[model_cls], **entry))
-    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, kwargs))
-    model = TransformerBridge.boot_transformers(str(path), device="cpu", dtype=torch.float64)
-    model.set_use_attn_result(True)
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    ungroup_kv_heads(model)
-    with pytest.raises(UnsupportedModelError, match=words):
-        check_model(model)
-
-
-def test_post_norm_models_with_an_attention_output_bias_are_refused(tmp_path):
-    """The post-attention norm would scale the bias by each run's own scale, which belongs to no head."""
-    config_cls, model_cls, kwargs = FAMILIES["gemma2"][:3]
-    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, dict(kwargs, attention_bias=True)))
-    with pytest.raises(UnsupportedModelError, match="Gemma2ForCausalLM is not supported.*bias on its attention output"):
-        load_model(str(path), device="cpu", dtype="float64")
-
-
-def test_olmo2_in_half_precision_is_refused_clearly(tmp_path):
-    """TransformerLens 4.3's bridge fails on OLMo-2/3 in half precision (its rotary path returns float32 queries
-    and keys, which meet bfloat16 values), even without the EAP hooks: a clear refusal, not a crash."""
-    config_cls, model_cls, kwargs = FAMILIES["olmo2"][:3]
-    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, kwargs))
-    with pytest.raises(UnsupportedModelError, match="Olmo2ForCausalLM is not supported.*forward pass in bfloat16.*float32"):
-        load_model(str(path), device="cpu", dtype="bfloat16")
-
-
-def test_unverified_families_that_pass_the_check_load_with_a_warning(tmp_path, monkeypatch):
-    config_cls, model_cls, kwargs, _, _ = FAMILIES["llama"]
-    path = save_with_tiny_tokenizer(tmp_path, hf_model(config_cls, model_cls, kwargs))
-    monkeypatch.delitem(families.FAMILIES, model_cls)
-    with pytest.warns(UserWarning, match="not among the verified families"):
-        model = load_model(str(path), device="cpu", dtype="float32")
-        prepare_model(model)  # a second preparation is harmless: already ungrouped
-    assert model.cfg.n_key_value_heads == 4
 
 
 def test_fast_path_gives_the_plain_path_scores(family, data):
