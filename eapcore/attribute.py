@@ -198,20 +198,43 @@ def _information_flow(model: Any, graph: Graph, batch: Batch, acc: Accumulator) 
     """Ferrando & Voita (2024): proximity max(0, ‖h_v‖₁ − ‖h_v − x_u‖₁) of each source output x_u to each
     destination input h_v on the clean run, normalised over u, averaged over real positions."""
     outs, _ = source_outputs(model, graph, batch, batch.clean)  # sources only; destinations read below
-    real = (torch.arange(batch.n_pos, device=outs.device)[None, :] < batch.lengths[:, None]).to(outs.dtype)
-    weights = real / real.sum(1, keepdim=True)  # [batch pos]: mean over each example's real positions
+    real = (torch.arange(batch.n_pos, device=outs.device)[None, :] < batch.lengths[:, None]).to(acc.edges.dtype)
+    routes = Routes(outs, real / real.sum(1, keepdim=True), acc)  # weights: mean over each example's real positions
+    with torch.no_grad():
+        model.run_with_hooks(batch.clean, fwd_hooks=[(d.hook, lambda t, hook, d=d: routes(t, d)) for d in destinations(graph)])
 
-    def score(t: torch.Tensor, hook: Any, d: Any) -> None:
+
+class Routes:
+    """The information-flow hook: adds destination ``d``'s proximities to ``acc.edges[:n_sources, d.cols]``.
+
+    ``outs``: the source outputs ``[n_forward batch pos d_model]``; ``weights``: ``[batch pos]``. On a model
+    split over devices each destination's hook runs on its layer's device: ``outs`` and ``weights`` are
+    copied there once per device, and only the ``[n_sources]`` score blocks go to the accumulator's."""
+
+    def __init__(self, outs: torch.Tensor, weights: torch.Tensor, acc: Accumulator) -> None:
+        self.acc = acc
+        self.on_device = {outs.device: (outs, weights)}
+
+    def __call__(self, t: torch.Tensor, d: Any) -> None:
         h = per_column(t)
+        if h.device not in self.on_device:
+            outs, weights = next(iter(self.on_device.values()))
+            self.on_device[h.device] = (outs.to(h.device), weights.to(h.device))
+        outs, weights = self.on_device[h.device]
         n = d.n_sources
         for c in range(h.shape[2]):
-            hc = h[:, :, c]
-            prox = (hc.abs().sum(-1) - (hc[None] - outs[:n]).abs().sum(-1)).clamp_min(0)  # [n batch pos]
-            prox = prox / prox.sum(0, keepdim=True).clamp_min(torch.finfo(prox.dtype).tiny)
-            acc.edges[:n, d.cols.start + c] += (prox * weights).sum((1, 2)).to(acc.edges.dtype)
+            block = (proximity(h[:, :, c], outs[:n]) * weights).sum((1, 2))  # [n]
+            self.acc.edges[:n, d.cols.start + c] += block.to(self.acc.edges.device)
 
-    with torch.no_grad():
-        model.run_with_hooks(batch.clean, fwd_hooks=[(d.hook, lambda t, hook, d=d: score(t, hook, d)) for d in destinations(graph)])
+
+def proximity(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """max(0, ‖h‖₁ − ‖h − x_u‖₁) normalised over u: ``h`` ``[batch pos d_model]``, ``x`` ``[n batch pos d_model]``
+    -> ``[n batch pos]`` in float32 (float64 for float64 inputs). The L1 norms are summed in that precision:
+    in half precision they pass float16's 65504 (inf − inf) or keep 8 bits (bfloat16), and their difference
+    is rounding noise."""
+    wide = torch.float64 if h.dtype == torch.float64 else torch.float32
+    prox = (h.abs().sum(-1, dtype=wide) - (h[None] - x).abs().sum(-1, dtype=wide)).clamp_min(0)
+    return prox / prox.sum(0, keepdim=True).clamp_min(torch.finfo(wide).tiny)
 
 
 def _exact(

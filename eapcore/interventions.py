@@ -15,7 +15,7 @@ import torch
 
 from eapcore.data import Batch, DataError, TokenizedPairs
 from eapcore.graph import Graph
-from eapcore.models import model_device
+from eapcore.models import model_device, model_dtype
 from eapcore.recording import new_buffer, source_outputs
 
 
@@ -105,18 +105,23 @@ def make_intervention(
 
 
 def mean_outputs(model: Any, graph: Graph, data: TokenizedPairs, positional: bool, batch_size: int) -> torch.Tensor:
-    """Mean source outputs over the clean prompts' real (non-pad) positions."""
+    """Mean source outputs over the clean prompts' real (non-pad) positions, in the model's dtype. The sums
+    are taken in float32 (float64 for a float64 model): in float16 a BOS "massive activation" of a few
+    thousand summed over a batch passes 65504, and in bfloat16 a running total rounds later batches away."""
     lengths = data.data.lengths
     if positional and bool((lengths != lengths[0]).any()):
         raise DataError(
             f"mean-positional ablation needs reference prompts of one token length, but lengths range from "
             f"{int(lengths.min())} to {int(lengths.max())}; use 'mean' or prompts of equal length"
         )
+    dtype = model_dtype(model)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
     total = None
     for batch in data.batches(batch_size, model_device(model)):
         outs, _ = source_outputs(model, graph, batch, batch.clean)
-        real = (torch.arange(batch.n_pos, device=outs.device)[None, :] < batch.lengths[:, None]).to(outs.dtype)
+        outs = outs.to(wide)
+        real = (torch.arange(batch.n_pos, device=outs.device)[None, :] < batch.lengths[:, None]).to(wide)
         part = (outs * real[None, :, :, None]).sum(1) if positional else torch.einsum("fbpd,bp->fd", outs, real)
         total = part if total is None else total + part
     count = len(data) if positional else float(lengths.sum())
-    return total / count
+    return (total / count).to(dtype)

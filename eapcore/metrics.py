@@ -2,7 +2,10 @@
 
 ``logits`` and ``clean_logits`` are the read-out logits ``[batch d_vocab]`` (each example's last real
 token); ``clean_logits`` is the unpatched clean run's (for KL). Each metric knows whether higher is
-better; attribution differentiates the loss (the metric signed so that lower is better).
+better; attribution differentiates the loss (the metric signed so that lower is better). A
+:class:`Metric` hands its function float32 logits when the model runs in half precision (float64 stays
+float64): softmaxes, log-probability differences and means over answers are then not rounded to 8 or
+11 bits (the logits are only ``[batch d_vocab]``, so the cast is cheap).
 """
 
 from __future__ import annotations
@@ -25,12 +28,18 @@ class Metric:
     needs_clean_logits: bool = False
 
     def __call__(self, logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fn(logits, batch, clean_logits)
+        """``[batch]``, computed from float32 (or float64) logits."""
+        return self.fn(_wide(logits), batch, None if clean_logits is None else _wide(clean_logits))
 
     def loss(self, logits: torch.Tensor, batch: Batch, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Summed over the batch, signed so that lower is better."""
-        value = self.fn(logits, batch, clean_logits).sum()
+        value = self(logits, batch, clean_logits).sum()
         return -value if self.higher_is_better else value
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits as float32 (differentiable); float32 and float64 as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def _masked_mean(values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
