@@ -110,14 +110,15 @@ def random_pairs(n: int, length: int, vocab: int, seed: int = 0) -> Any:
     return TokenizedPairs(batch, f"random-{n}x{length}-v{vocab}-s{seed}")
 
 
-def csv_pairs(path: str | Path, tokenizer: Any, n_ctx: int | None, n: int | None) -> Any:
-    """The first ``n`` pairs of a prompt-pair CSV, tokenized as the app does."""
-    from eapcore.data import PromptPairs, tokenize
+def csv_pairs(path: str | Path, bridge: Any, n: int | None) -> Any:
+    """The first ``n`` pairs of a prompt-pair CSV, tokenized for ``bridge`` as the app does."""
+    from eapcore.data import PromptPairs
+    from eapcore.vocabulary import tokenize_for
 
     pairs = PromptPairs.from_csv(path)
     if n is not None and n < len(pairs):
         pairs = PromptPairs(pairs.clean[:n], pairs.corrupted[:n], pairs.correct[:n], pairs.incorrect[:n])
-    return tokenize(pairs, tokenizer, n_ctx)
+    return tokenize_for(pairs, bridge)
 
 
 def load_data(spec: str, bridge: Any, n: int, length: int, seed: int = 0) -> tuple[Any, str]:
@@ -132,7 +133,7 @@ def load_data(spec: str, bridge: Any, n: int, length: int, seed: int = 0) -> tup
         path, metric = Path(spec), "logit_diff"
     if not Path(path).exists():
         raise SystemExit(f"data {spec!r}: {path} does not exist; use --data random or a CSV path")
-    return csv_pairs(path, bridge.tokenizer, bridge.cfg.n_ctx, n), metric
+    return csv_pairs(path, bridge, n), metric
 
 
 # ----------------------------------------------------------------------------- timing

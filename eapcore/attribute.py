@@ -23,12 +23,13 @@ from eapcore.families import architecture
 from eapcore.gradients import Accumulator, Delta, activation_interpolation, input_interpolation
 from eapcore.graph import Graph
 from eapcore.interventions import INTERVENTIONS, Intervention, make_intervention
-from eapcore.memory import out_of_memory
+from eapcore.memory import reporting_out_of_memory
 from eapcore.methods import LEVELS, METHODS, get_method
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
 from eapcore.models import frozen, model_device, model_dtype, model_graph, model_lock
 from eapcore.recording import record_sources, row_windows, source_outputs
 from eapcore.sites import destinations, per_column
+from eapcore.vocabulary import check_vocabulary
 
 Progress = Callable[[int, int], None]
 
@@ -99,21 +100,19 @@ def attribute(
     graph = model_graph(model)
     backend = attribution_backend(spec.method, spec.level, architecture(model), spec.backend, model,
                                   int(data.data.lengths.max()))
-    with model_lock(model), frozen(model):
-        try:
+    for pairs in (data, reference):
+        if pairs is not None:
+            check_vocabulary(pairs, model)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        with model_lock(model), frozen(model):
             if get_method(spec.method).runner == "removal":
-                result = _exact(model, graph, data, spec, metric, progress, reference)
-            else:
-                result = _by_batches(model, graph, data, spec, metric, progress, reference, backend)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not out_of_memory(e):
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise MemoryError(
-                f"out of memory on {model_device(model)} while attributing with batch size {spec.batch_size}; try a "
-                f"smaller batch (--batch-size {max(1, spec.batch_size // 2)}) or half precision (--dtype bfloat16)"
-            ) from e
+                return _exact(model, graph, data, spec, metric, progress, reference)
+            return _by_batches(model, graph, data, spec, metric, progress, reference, backend)
+
+    result = reporting_out_of_memory(run, lambda error: (
+        f"out of memory on {model_device(model)} while attributing with batch size {spec.batch_size} ({error}); try a "
+        f"smaller batch (--batch-size {max(1, spec.batch_size // 2)}) or half precision (--dtype bfloat16)"))
     if model_dtype(model) != torch.float64:
         result = tuple(None if t is None else t.float() for t in result)
     provenance = {

@@ -165,16 +165,17 @@ class Runner:
                                     n_devices=job.n_devices))
 
     def _one(self, model: Any, run: Run, rec: Record, data_cache: dict, i: int, n: int) -> None:
-        from eapcore.data import PromptPairs, tokenize
+        from eapcore.data import PromptPairs
         from eapcore.distributed import PeerFailed, attribute_parallel, collective
         from eapcore.export import save_json, save_pt
+        from eapcore.vocabulary import tokenize_for
 
         progress = self.on_start(rec, i, n)
         start = time.perf_counter()
         try:
             if run.task.csv not in data_cache:
                 data_cache[run.task.csv] = collective(
-                    lambda: tokenize(PromptPairs.from_csv(run.task.csv), model.tokenizer, model.cfg.n_ctx), self.ctx
+                    lambda: tokenize_for(PromptPairs.from_csv(run.task.csv), model), self.ctx
                 )
             data = data_cache[run.task.csv]
             scores = attribute_parallel(model, data, run.spec, self.ctx, progress=progress).cpu()

@@ -26,9 +26,10 @@ RMSNorm) keep similar but not identical sets.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -37,6 +38,7 @@ from eapcore.graph import Graph, GraphConfig
 from eapcore.methods import get_method
 from eapcore.recording import row_windows
 
+T = TypeVar("T")
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 MiB = 2**20
 GiB = 2**30
@@ -364,9 +366,30 @@ def evaluation_estimate(
     return Estimate(tuple(_with_slack(parts, device, allocator_slack, churned)), device, tuple(notes))
 
 
+_FAILED_ALLOCATIONS = ("out of memory", "_ALLOC_FAILED", "can't allocate memory")
+
+
 def out_of_memory(e: BaseException) -> bool:
-    """A failed allocation: CUDA's ``OutOfMemoryError``, or the CPU allocator's plain ``RuntimeError``."""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+    """A failed allocation: ``torch.OutOfMemoryError``, or a plain ``RuntimeError`` from the CPU allocator, from
+    CUDA ("CUDA error: out of memory") or from a CUDA library's handle or workspace (``CUBLAS_STATUS_ALLOC_FAILED``,
+    ``CUDNN_STATUS_ALLOC_FAILED``)."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(text in str(e) for text in _FAILED_ALLOCATIONS))
+
+
+def reporting_out_of_memory(fn: Callable[[], T], advice: Callable[[str], str]) -> T:
+    """``fn()``; a failed allocation becomes ``MemoryError(advice(the error's first line))``, raised after the
+    failed call's tensors are freed (the error's traceback held them) and CUDA's cached blocks are released."""
+    try:
+        return fn()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        message = advice((str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise MemoryError(message)
 
 
 # ----- measuring -----

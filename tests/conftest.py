@@ -6,6 +6,7 @@ helpers.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -192,9 +193,57 @@ def run_attribution(at, open_explore: bool = True, switch: bool = True):
     return at
 
 
+KEPT = ("model_spec", "pairs", "data_label", "metric", "scores", "scores_key", "scores_label")
+
+
+def app_with_scores():
+    """A fresh session that has pairs, a model and scores (the scores are cached after the first run), and
+    what it holds of them (:data:`KEPT`)."""
+    at = run_attribution(new_app(), open_explore=False)
+    return at, {key: at.session_state[key] for key in KEPT}
+
+
+def assert_kept(at, before: dict, *changed: str) -> None:
+    """The session still holds what ``before`` recorded (except ``changed``); no run is left marked running."""
+    from ui.state import RUNNING
+
+    assert not at.exception, at.exception
+    for key, value in before.items():
+        if key not in changed:
+            assert at.session_state[key] is value, f"the session lost its {key}"
+    assert RUNNING not in at.session_state and not [b for b in at.button if b.label == "Cancel"]
+
+
+def one_error(at, message: str) -> str:
+    """The one error the page shows, which matches the regex ``message``."""
+    found = errors(at)
+    assert len(found) == 1 and re.search(message, found[0]), found
+    return found[0]
+
+
 def attached_hooks(model) -> int:
     """Forward and backward hooks attached to the model's hook points now."""
     return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
+
+
+# ----- the command line (tests/test_bad_inputs.py, tests/test_device_errors.py) -----
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """(exit code, last line on stderr) of ``python -m eapcore ARGS --device cpu``, run in this process."""
+    from eapcore.cli import main
+
+    capsys.readouterr()
+    code = main([*args, "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    return code, lines[-1] if lines else ""
+
+
+def cli_error(capsys: pytest.CaptureFixture, message: str, *args: str) -> None:
+    """The command fails with exit status 2 and one ``eapcore COMMAND: error:`` line matching ``message``."""
+    code, line = cli(capsys, *args)
+    assert code == 2 and line.startswith(f"eapcore {args[0]}: error: "), (code, line)
+    assert re.search(message, line), line
 
 
 # ----- the browser (tests/test_browser.py, tests/test_benchmarks.py) -----

@@ -22,15 +22,16 @@ import torch
 
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.circuit import Circuit, Scores
-from eapcore.cli import main
 from eapcore.data import MAX_CSV_BYTES, DataError, PromptPairs, tokenize
 from eapcore.export import load_circuit, save_json, save_pt
 from eapcore.graph import Graph, GraphConfig
 from eapcore.metrics import Metric
 from eapcore.select import top_n
-from ui.state import ENV_DATA, ENV_DEVICE, ENV_MODEL, RUNNING
+from ui.state import ENV_DATA, ENV_DEVICE, ENV_MODEL
 
-from conftest import TOY, Evil, attached_hooks, edit, errors, json_edit, metric_value, new_app, run_attribution
+from conftest import (
+    TOY, Evil, app_with_scores, assert_kept, attached_hooks, cli, cli_error, edit, errors, json_edit, metric_value, one_error,
+)
 
 # ----- the cases -----
 
@@ -167,43 +168,6 @@ def nan_model_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     with torch.no_grad():
         model.transformer.ln_f.weight.fill_(float("nan"))
     return save_with_tiny_tokenizer(tmp_path_factory.mktemp("nan_model"), model)
-
-
-def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """(exit code, last line on stderr) of ``python -m eapcore ARGS --device cpu``."""
-    capsys.readouterr()
-    code = main([*args, "--device", "cpu"])
-    lines = capsys.readouterr().err.strip().splitlines()
-    return code, lines[-1] if lines else ""
-
-
-def cli_error(capsys: pytest.CaptureFixture, message: str, *args: str) -> None:
-    code, line = cli(capsys, *args)
-    assert code == 2 and line.startswith(f"eapcore {args[0]}: error: "), (code, line)
-    assert re.search(message, line), line
-
-
-KEPT = ("model_spec", "pairs", "data_label", "metric", "scores", "scores_key", "scores_label")
-
-
-def app_with_scores():
-    """A fresh session that has pairs, a model and scores (the scores are cached after the first run)."""
-    at = run_attribution(new_app(), open_explore=False)
-    return at, {key: at.session_state[key] for key in KEPT}
-
-
-def assert_kept(at, before: dict, *changed: str) -> None:
-    assert not at.exception, at.exception
-    for key, value in before.items():
-        if key not in changed:
-            assert at.session_state[key] is value, f"the session lost its {key}"
-    assert RUNNING not in at.session_state and not [b for b in at.button if b.label == "Cancel"]
-
-
-def one_error(at, message: str) -> str:
-    found = errors(at)
-    assert len(found) == 1 and re.search(message, found[0]), found
-    return found[0]
 
 
 # ----- prompt-pair CSVs -----

@@ -19,10 +19,11 @@ import streamlit as st
 
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.circuit import Circuit, Scores
-from eapcore.data import PromptPairs, TokenizedPairs, tokenize
+from eapcore.data import PromptPairs, TokenizedPairs
 from eapcore.curve import MIB_PERCENTS, Curve, fine_percents, size_for_percent
 from eapcore.evaluate import CircuitEvaluator, normalized
 from eapcore.models import ModelSpec, load_model, model_graph
+from eapcore.vocabulary import tokenize_for
 
 EVAL_BATCH = 128
 ENV_THREADS = "EAPCORE_TORCH_THREADS"
@@ -60,7 +61,7 @@ def get_model(spec: ModelSpec) -> Any:
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _tokenized(spec: ModelSpec, fingerprint: str, _pairs: PromptPairs) -> TokenizedPairs:
     model = get_model(spec)
-    return tokenize(_pairs, model.tokenizer, model.cfg.n_ctx)
+    return tokenize_for(_pairs, model)
 
 
 def get_data(spec: ModelSpec, pairs: PromptPairs) -> TokenizedPairs:

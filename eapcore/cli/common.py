@@ -13,6 +13,7 @@ from eapcore.interventions import INTERVENTIONS
 from eapcore.metrics import METRICS
 from eapcore.models import DTYPES, ModelSpec
 from eapcore.tasks import TASKS, get_task
+from eapcore.vocabulary import tokenize_for
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # Errors reported as one line with exit status 2 (anything else is a bug and keeps its traceback).
@@ -72,7 +73,7 @@ def load_data(args: argparse.Namespace, ctx: Context) -> tuple[Any, TokenizedPai
 
     pairs, metric = collective(lambda: read_pairs(args), ctx)
     model = collective(lambda: load_model(model_spec(args, ctx)), ctx)
-    data = collective(lambda: tokenize(pairs, model.tokenizer, model.cfg.n_ctx), ctx)
+    data = collective(lambda: tokenize_for(pairs, model), ctx)
     return model, data, metric
 
 
