@@ -173,8 +173,9 @@ def setup(args: Any) -> tuple[Any, Any, Any, str]:
 
 
 def sync(device: Any) -> None:
+    """Wait for ``device`` (a CUDA device; nothing to wait for on the CPU)."""
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 @dataclass
@@ -272,13 +273,14 @@ def peak_memory_mib(fn: Callable[[], Any], device: Any) -> tuple[float, str]:
     before the call. The same method measures the floor and ours."""
     gc.collect()
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        gpu = torch.device(device)  # every call names it: with --device cuda:1 the defaults would read cuda:0
+        torch.cuda.synchronize(gpu)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats(gpu)
+        before = torch.cuda.memory_allocated(gpu)
         fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda max_memory_allocated - allocated before"
+        torch.cuda.synchronize(gpu)
+        return (torch.cuda.max_memory_allocated(gpu) - before) / 2**20, "cuda max_memory_allocated - allocated before"
     if sys.platform.startswith("linux") and os.path.exists("/proc/self/status"):
         _malloc_trim()
         if reset_peak_rss():
@@ -302,7 +304,7 @@ def peak_memory_mib(fn: Callable[[], Any], device: Any) -> tuple[float, str]:
 # ----------------------------------------------------------------------------- reporting
 def machine(device: Any) -> str:
     if str(device).startswith("cuda"):
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
+        return f"{torch.cuda.get_device_name(torch.device(device))} ({torch.cuda.device_count()} visible)"
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
