@@ -1,6 +1,11 @@
 """What several test modules share (test modules do not import each other): tiny random models of every
-verified family and prompt pairs, built locally (no network); the toy pairs; app, browser, file and hook
-helpers.
+verified family and prompt pairs, built locally (no network); the devices engine tests run on; the toy
+pairs; app, browser, file and hook helpers.
+
+Devices: the engine fixtures (``tiny64``, ``tiny32``) put their model on ``device``, which is ``cpu``
+unless a test is marked ``devices``: such a test runs once on ``cpu`` and once on ``cuda`` (that case is
+marked ``cuda``, so ``pytest -m cuda`` selects it and it skips itself without a GPU). TF32 is off, as it
+is by default for matrix products, so float32 results on a GPU keep float32's precision.
 """
 
 from __future__ import annotations
@@ -16,8 +21,19 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # the test models are tiny: threads only add contention
+torch.backends.cuda.matmul.allow_tf32 = False  # the float32 tests compare to 1e-4..1e-6
+torch.backends.cudnn.allow_tf32 = False
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``devices`` runs once per entry of :data:`DEVICES` (its ``device`` and the engine fixtures)."""
+    if metafunc.definition.get_closest_marker("devices") and "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", DEVICES, indirect=True, scope="module")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -27,6 +43,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+def cuda_devices(n: int = 1) -> None:
+    """Skip unless this machine has ``n`` CUDA devices (for a ``cuda``-marked test that needs several)."""
+    if torch.cuda.device_count() < n:
+        pytest.skip(f"needs {n} CUDA devices, this machine has {torch.cuda.device_count()}")
 
 
 def tiny_tokenizer():
@@ -71,18 +93,33 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_gpt2(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="session")
-def tiny64(tiny_dir: Path):
+@pytest.fixture(scope="module")
+def device(request: pytest.FixtureRequest) -> str:
+    """Where the engine fixtures' models live: ``cpu``, or each of :data:`DEVICES` for a ``devices`` test."""
+    return getattr(request, "param", "cpu")
+
+
+_LOADED: dict[tuple[str, str, str], object] = {}
+
+
+def loaded(path: Path, dtype: str, device: str):
+    """``load_model(path)`` once per (folder, dtype, device) for the whole session."""
     from eapcore.models import load_model
 
-    return load_model(str(tiny_dir), device="cpu", dtype="float64")
+    key = (str(path), dtype, device)
+    if key not in _LOADED:
+        _LOADED[key] = load_model(str(path), device=device, dtype=dtype)
+    return _LOADED[key]
 
 
-@pytest.fixture(scope="session")
-def tiny32(tiny_dir: Path):
-    from eapcore.models import load_model
+@pytest.fixture(scope="module")
+def tiny64(tiny_dir: Path, device: str):
+    return loaded(tiny_dir, "float64", device)
 
-    return load_model(str(tiny_dir), device="cpu", dtype="float32")
+
+@pytest.fixture(scope="module")
+def tiny32(tiny_dir: Path, device: str):
+    return loaded(tiny_dir, "float32", device)
 
 
 @pytest.fixture(scope="session")

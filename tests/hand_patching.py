@@ -107,7 +107,8 @@ def ablation(model, graph, data, intervention: str) -> Callable[[Batch], dict[st
 
 def patched_metric(model, graph, batch, keep: torch.Tensor, ablated: dict[str, torch.Tensor],
                    metric: str = "logit_diff") -> torch.Tensor:
-    """Per-example metric ``[batch]`` of the clean run with every edge outside ``keep`` carrying ``ablated``."""
+    """Per-example metric ``[batch]`` (on the CPU) of the clean run with every edge outside ``keep`` carrying
+    ``ablated`` (``batch`` and ``ablated`` on the model's device)."""
     actual: dict[str, torch.Tensor] = {}
     hooks = []
     for u in graph.src_nodes:
@@ -125,7 +126,7 @@ def patched_metric(model, graph, batch, keep: torch.Tensor, ablated: dict[str, t
     with torch.no_grad():
         clean = readout(model(batch.clean), batch.lengths)
         logits = readout(model.run_with_hooks(batch.clean, fwd_hooks=hooks), batch.lengths)
-    return get_metric(metric)(logits, batch, clean).double()
+    return get_metric(metric)(logits, batch, clean).double().cpu()
 
 
 def hand_metrics(model, graph, data, keep: torch.Tensor, intervention: str = "patching",

@@ -65,6 +65,7 @@ def test_reference_forward_matches_hugging_face(hf64, tiny64, pairs):
     torch.testing.assert_close(logits, hf64(clean).logits, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("backend", ["unsplit", "split"])
 @pytest.mark.parametrize("method", ["EAP", "clean-corrupted", "EAP-IG-inputs"])
 def test_scores_equal_hook_free_autograd(method, backend, hf64, tiny64, pairs):
@@ -95,6 +96,7 @@ def test_ig_completeness_improves_with_steps(tiny64, pairs):
     assert error(64) < error(2) / 5
 
 
+@pytest.mark.devices
 def test_example_scores_do_not_depend_on_padding(tiny64, pairs):
     data = tokenize(pairs, tiny64.tokenizer)
     together = attribute(tiny64, data, AttributionSpec(batch_size=8)).edges * len(data)
@@ -115,6 +117,7 @@ def test_weights_get_no_gradients(tiny64, pairs):
     assert all(p.grad is None and p.requires_grad for p in tiny64.parameters())
 
 
+@pytest.mark.devices
 def test_progress_reports_every_pass(tiny64, pairs):
     calls = []
     attribute(tiny64, tokenize(pairs, tiny64.tokenizer), AttributionSpec(ig_steps=2, batch_size=4), progress=lambda d, t: calls.append((d, t)))
@@ -127,19 +130,24 @@ def test_bad_specs_are_refused(kwargs):
         AttributionSpec(**kwargs)
 
 
-def test_bfloat16_keeps_the_ranking():
-    """Half precision (--dtype bfloat16; fast on GPUs and on CPUs with AVX512-BF16) ranks edges as float32 does."""
+@pytest.mark.devices
+@pytest.mark.parametrize("method, intervention", [("EAP-IG-inputs", "patching"), ("EAP", "mean")])
+@pytest.mark.parametrize("half_dtype", ["bfloat16", "float16"])
+def test_half_precision_keeps_the_ranking(half_dtype, method, intervention, device):
+    """Half precision (--dtype bfloat16 or float16; fast on GPUs and on CPUs with AVX512-BF16) ranks edges as
+    float32 does: the unsplit gradient passes, and means summed over the data set."""
     from eapcore.models import load_model
     from eapcore.tasks import get_task
 
     pairs = PromptPairs.from_csv(get_task("ioi").csv.read_bytes())
     scores = {}
-    for dtype in ("float32", "bfloat16"):
-        model = load_model("demo", device="cpu", dtype=dtype)
+    for dtype in ("float32", half_dtype):
+        model = load_model("demo", device=device, dtype=dtype)
         data = tokenize(PromptPairs(*(getattr(pairs, f)[:64] for f in ("clean", "corrupted", "correct", "incorrect"))),
                         model.tokenizer)
-        scores[dtype] = attribute(model, data, AttributionSpec(batch_size=64)).edges[model_graph(model).real_edge_mask]
-    full, half = scores["float32"].abs(), scores["bfloat16"].abs()
+        spec = AttributionSpec(method=method, intervention=intervention, batch_size=64)
+        scores[dtype] = attribute(model, data, spec).edges[model_graph(model).real_edge_mask]
+    full, half = scores["float32"].abs(), scores[half_dtype].abs()
     assert half.dtype == torch.float32  # scores are accumulated and returned in float32
     ranks = torch.stack([full.argsort().argsort(), half.argsort().argsort()]).double()
     assert torch.corrcoef(ranks)[0, 1] > 0.99
@@ -147,6 +155,7 @@ def test_bfloat16_keeps_the_ranking():
         assert len(set(full.topk(n).indices.tolist()) & set(half.topk(n).indices.tolist())) >= 0.95 * n
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("chunks", [1, 3])
 @pytest.mark.parametrize("method,intervention", [
     ("EAP", "patching"), ("EAP", "zero"), ("EAP", "mean"), ("EAP-IG-inputs", "patching"), ("clean-corrupted", "patching"),

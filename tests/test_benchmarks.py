@@ -122,13 +122,21 @@ def test_random_scores_cover_every_real_edge(tiny32) -> None:
     assert bool((scores.edges != 0).eq(graph.real_edge_mask).all())
 
 
-def test_peak_memory_sees_an_allocation() -> None:
+@pytest.mark.devices
+def test_peak_memory_sees_an_allocation(device: str) -> None:
+    """64 MiB on the device: the CPU's resident memory, or the CUDA allocator's peak (of the last GPU, so that
+    a benchmark run with --device cuda:K reads cuda:K and not cuda:0)."""
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.device_count() - 1}"
+
     def allocate() -> None:
-        x = torch.ones(64, 2**20 // 4)  # 64 MiB, touched
+        x = torch.ones(64, 2**20 // 4, device=device)  # 64 MiB, touched
         del x
 
-    mib, how = common.peak_memory_mib(allocate, "cpu")
+    mib, how = common.peak_memory_mib(allocate, device)
     assert 48 < mib < 200, (mib, how)
+    if device != "cpu":
+        assert common.machine(device).startswith(torch.cuda.get_device_name(torch.device(device)))
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:

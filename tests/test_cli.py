@@ -20,15 +20,16 @@ def csv_path(tmp_path):
     return path
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("suffix", [".pt", ".json"])
-def test_attribute_then_evaluate(tiny_dir, csv_path, tmp_path, capsys, suffix):
+def test_attribute_then_evaluate(tiny_dir, csv_path, tmp_path, capsys, suffix, device):
     out = tmp_path / f"graph{suffix}"
     assert main(["attribute", "--model", str(tiny_dir), "--data", str(csv_path), "--method", "EAP-IG-inputs",
-                 "--ig-steps", "3", "--batch-size", "2", "--out", str(out), "--device", "cpu"]) == 0
+                 "--ig-steps", "3", "--batch-size", "2", "--out", str(out), "--device", device]) == 0
     assert out.exists()
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tiny_dir), "--data", str(csv_path), "--circuit", str(out), "--top-n", "10",
-                 "--device", "cpu"]) == 0
+                 "--device", device]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"n_edges", "n_nodes", "metric", "clean_metric", "corrupted_metric", "faithfulness"} <= set(result)
     assert 0 < result["n_edges"] <= 10

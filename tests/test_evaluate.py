@@ -48,6 +48,7 @@ def test_full_circuit_is_clean_and_empty_is_corrupted(evaluator, tiny_dir, pairs
                                rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.devices
 def test_removing_each_edge_equals_hand_patching(evaluator, tiny_dir, tiny64, pairs):
     hf = GPT2LMHeadModel.from_pretrained(tiny_dir, dtype=torch.float64).eval()
     graph = model_graph(tiny64)
@@ -64,6 +65,7 @@ def test_removing_each_edge_equals_hand_patching(evaluator, tiny_dir, tiny64, pa
     assert changed > graph.n_edges // 2  # most single edges matter on this random model
 
 
+@pytest.mark.devices
 def test_random_circuits_equal_hand_patching(evaluator, tiny_dir, tiny64, pairs):
     hf = GPT2LMHeadModel.from_pretrained(tiny_dir, dtype=torch.float64).eval()
     graph = model_graph(tiny64)
@@ -82,6 +84,7 @@ def test_faithfulness_is_normalized(evaluator):
         normalized(1.0, 2.0, 2.0)
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("engine", ["sparse", "hooked"])
 def test_kl_metric_is_zero_for_full_circuit(engine, tiny64, pairs):
     ev = CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), metric="kl_div", engine=engine)
@@ -102,6 +105,7 @@ def _both_paths(model, data, intervention, batch_size=3):
     return sparse_ev, hooked
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("intervention", ["patching", "zero", "mean", "mean-positional"])
 def test_sparse_evaluation_equals_the_hooked_pass(intervention, tiny64, pairs):
     """Random circuits from very sparse (a node needed only at the last token) to dense (the full graph run
@@ -120,14 +124,15 @@ def test_sparse_evaluation_equals_the_hooked_pass(intervention, tiny64, pairs):
                                        rtol=1e-10, atol=1e-10)
 
 
-def test_sparse_evaluation_on_the_demo_model_top_circuits():
+@pytest.mark.devices
+def test_sparse_evaluation_on_the_demo_model_top_circuits(device):
     from eapcore.attribute import AttributionSpec, attribute
     from eapcore.data import PromptPairs
     from eapcore.models import load_model
     from eapcore.select import top_n
     from eapcore.tasks import get_task
 
-    model = load_model("demo", device="cpu", dtype="float32")
+    model = load_model("demo", device=device, dtype="float32")
     data = tokenize(_rows(PromptPairs.from_csv(get_task("ioi").csv.read_bytes()), range(48)), model.tokenizer)
     scores = attribute(model, data, AttributionSpec(method="EAP", batch_size=48))
     fast, hooked = _both_paths(model, data, "patching", batch_size=16)

@@ -27,9 +27,9 @@ from eapcore.circuit import Circuit
 from eapcore.data import tokenize
 from eapcore.evaluate import CircuitEvaluator
 from eapcore.metrics import get_metric, readout
-from eapcore.models import architecture, load_model, model_graph
+from eapcore.models import architecture, model_device, model_graph
 
-from conftest import FAMILIES, hf_model, save_with_tiny_tokenizer
+from conftest import FAMILIES, hf_model, loaded, save_with_tiny_tokenizer
 from hand_patching import add_at, destination_site, head_outputs, patched_metric, source_outputs
 
 SEEDS = {"gpt-bigcode": 1}  # where seed 0 gives a model on which the corruption hardly matters
@@ -46,15 +46,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+_SAVED: dict[str, object] = {}
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
+def family(request, device, tmp_path_factory):
+    """(name, folder, float64 model on ``device``); each family is saved once and loaded once per device."""
     name = request.param
-    config_cls, model_cls, kwargs, parallel, n_kv = FAMILIES[name]
-    hf = hf_model(config_cls, model_cls, kwargs, seed=SEEDS.get(name, 0))
-    path = save_with_tiny_tokenizer(tmp_path_factory.mktemp(name), hf)
+    if name not in _SAVED:
+        config_cls, model_cls, kwargs, parallel, n_kv = FAMILIES[name]
+        hf = hf_model(config_cls, model_cls, kwargs, seed=SEEDS.get(name, 0))
+        _SAVED[name] = save_with_tiny_tokenizer(tmp_path_factory.mktemp(name), hf)
+    path = _SAVED[name]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = load_model(str(path), device="cpu", dtype="float64")
+        model = loaded(path, "float64", device)
     assert not [w for w in caught if "verified" in str(w.message)]  # a verified family loads without a warning
     return name, path, model
 
@@ -70,7 +76,7 @@ def _edge_gradients(model, graph, batch, delta, moved: tuple[list[int], float] |
     ``moved`` = (rows, α): every input that reads those sources also gets (1 − α)·Σ_rows Δ, i.e. their
     outputs are moved to α·clean + (1 − α)·ablated and everything downstream recomputed."""
     metric = get_metric("logit_diff")
-    eps = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64, requires_grad=True)
+    eps = torch.zeros(graph.n_forward, graph.n_backward, dtype=torch.float64, device=batch.clean.device, requires_grad=True)
     stacked = torch.stack([delta[u] for u in graph.src_nodes])  # [n_forward batch pos d_model]
     hooks = []
     for col, v in enumerate(graph.dst_nodes):
@@ -86,6 +92,7 @@ def _edge_gradients(model, graph, batch, delta, moved: tuple[list[int], float] |
     with torch.enable_grad():
         logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
         (grad,) = torch.autograd.grad(metric.loss(readout(logits, batch.lengths), batch), eps)
+    grad = grad.cpu()
     assert not grad[~graph.real_edge_mask].any()
     return grad
 
@@ -233,11 +240,12 @@ def test_key_value_inputs_are_per_query_head(family):
         assert change[0] > 1e-3 and (float(change[1:].min()) > 0 if across and which == "k" else float(change[1:].max()) == 0.0), (which, change)
 
 
+@pytest.mark.devices
 def test_eap_scores_equal_exact_edge_derivatives(family, data):
     name, _, model = family
     graph = model_graph(model)
     ours = attribute(model, data, AttributionSpec(method="EAP", batch_size=3)).edges
-    (batch,) = data.batches(len(data))
+    (batch,) = data.batches(len(data), model_device(model))
     clean, corrupted = source_outputs(model, graph, batch.clean), source_outputs(model, graph, batch.corrupted)
     expected = _edge_gradients(model, graph, batch, {u: corrupted[u] - clean[u] for u in graph.src_nodes}) / len(data)
     scale = float(expected.abs().max())
@@ -313,11 +321,12 @@ def test_full_circuit_is_clean_and_empty_is_corrupted(family, data):
         _assert_metrics_equal(ev.evaluate(Circuit.full(ev.graph), reuse_clean=False), full, name)
 
 
+@pytest.mark.devices
 def test_edge_removals_equal_hand_patching(family, data):
     name, _, model = family
     graph = model_graph(model)
     evaluator = CircuitEvaluator(model, data, batch_size=len(data))
-    (batch,) = data.batches(len(data))
+    (batch,) = data.batches(len(data), model_device(model))
     full = evaluator.evaluate(Circuit.full(graph))
     nodes = torch.ones(graph.n_forward, dtype=torch.bool)
     changed = 0
@@ -345,6 +354,7 @@ def _assert_metrics_equal(ours: torch.Tensor, expected: torch.Tensor, name: str)
     torch.testing.assert_close(ours.double(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.devices
 def test_fast_path_gives_the_plain_path_scores(family, data):
     """The unsplit backend where the registry claims it gives the split backend's scores; elsewhere asking
     for it is a clear error and auto takes the split backend."""
@@ -362,6 +372,7 @@ def test_fast_path_gives_the_plain_path_scores(family, data):
     torch.testing.assert_close(fast.edges, plain, rtol=1e-5, atol=1e-7 * float(plain.abs().max()))
 
 
+@pytest.mark.devices
 def test_sparse_evaluation_equals_the_hooked_pass(family, data):
     name, path, model = family
     hooked = CircuitEvaluator(model, data, batch_size=3, engine="hooked")
@@ -376,7 +387,7 @@ def test_sparse_evaluation_equals_the_hooked_pass(family, data):
     hf = getattr(transformers, FAMILIES[name][1]).from_pretrained(path, dtype=torch.float64, attn_implementation="eager")
     with torch.no_grad():
         expected = torch.cat([readout(hf.eval()(b.clean).logits, b.lengths) for b in data.batches(3)])
-    torch.testing.assert_close(fast.logits(Circuit.full(fast.graph), reuse_clean=False), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fast.logits(Circuit.full(fast.graph), reuse_clean=False).cpu(), expected, rtol=1e-9, atol=1e-9)
     graph, gen = fast.graph, torch.Generator().manual_seed(0)
     tol = max(1e-9, BRIDGE_NOISE.get(name, 0.0))
     for density in (0.0, 0.05, 0.2, 0.5, 0.9):

@@ -1,11 +1,19 @@
-"""The TransformerLens 4 bridge hooks that EAP relies on behave as the graph assumes (docs/architecture.md)."""
+"""The TransformerLens 4 bridge hooks that EAP relies on behave as the graph assumes (docs/architecture.md).
+On every device (the ``devices`` marker: the CPU, and CUDA where there is one)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from eapcore.graph import Graph, GraphConfig
-from eapcore.models import model_graph
+from eapcore.models import model_device, model_graph
+
+pytestmark = pytest.mark.devices
+
+
+def _tokens(model) -> torch.Tensor:
+    return torch.tensor([[0, 3, 4, 5, 6]], device=model_device(model))
 
 
 def _run(model, tokens, names):
@@ -26,7 +34,7 @@ def test_graph_counts_match_the_formula():
 
 
 def test_head_results_plus_bias_sum_to_attention_output(tiny64):
-    tokens = torch.tensor([[0, 3, 4, 5, 6]])
+    tokens = _tokens(tiny64)
     names = [f"blocks.{l}.{h}" for l in range(2) for h in ("attn.hook_result", "hook_attn_out")]
     acts = _run(tiny64, tokens, names)
     for layer in range(2):
@@ -37,7 +45,7 @@ def test_head_results_plus_bias_sum_to_attention_output(tiny64):
 
 def test_residual_stream_is_the_sum_of_source_outputs(tiny64):
     """The logits' input equals embeddings + positional embeddings + Σ sources + attention biases."""
-    tokens = torch.tensor([[0, 3, 4, 5, 6]])
+    tokens = _tokens(tiny64)
     graph = model_graph(tiny64)
     names = ["hook_embed", "hook_pos_embed", "blocks.1.hook_resid_post"] + [
         f"blocks.{l}.{h}" for l in range(2) for h in ("attn.hook_result", "hook_mlp_out")
@@ -51,7 +59,7 @@ def test_residual_stream_is_the_sum_of_source_outputs(tiny64):
 
 
 def test_qkv_inputs_are_per_head_copies_of_the_residual(tiny64):
-    tokens = torch.tensor([[0, 3, 4, 5, 6]])
+    tokens = _tokens(tiny64)
     acts = _run(tiny64, tokens, ["blocks.1.hook_resid_pre", "blocks.1.hook_q_input", "blocks.1.hook_v_input"])
     for name in ("blocks.1.hook_q_input", "blocks.1.hook_v_input"):
         assert acts[name].shape == (1, 5, tiny64.cfg.n_heads, tiny64.cfg.d_model)
@@ -60,7 +68,7 @@ def test_qkv_inputs_are_per_head_copies_of_the_residual(tiny64):
 
 def test_first_order_edits_at_destination_hooks_match_their_gradients(tiny64):
     """For each destination hook: loss(x + εr) − loss(x) ≈ ε r·g, with g from a tensor hook on a copy."""
-    tokens = torch.tensor([[0, 3, 4, 5, 6]])
+    tokens = _tokens(tiny64)
     hooks = ["blocks.0.hook_k_input", "blocks.1.hook_q_input", "blocks.0.hook_mlp_in", "blocks.1.hook_resid_post"]
     gen = torch.Generator().manual_seed(0)
     for name in hooks:
@@ -74,7 +82,7 @@ def test_first_order_edits_at_destination_hooks_match_their_gradients(tiny64):
         with torch.enable_grad(), tiny64.hooks(fwd_hooks=[(name, watch)]):
             torch.autograd.grad(tiny64(tokens)[0, -1, 3], watched["t"])  # no gradients left on the weights
         assert "g" in grads, f"gradient hook on {name} did not fire"
-        r = torch.randn(grads["g"].shape, generator=gen, dtype=torch.float64)
+        r = torch.randn(grads["g"].shape, generator=gen, dtype=torch.float64).to(grads["g"].device)
         eps = 1e-6
 
         def edit(t, hook):

@@ -101,13 +101,9 @@ _MEASURE = textwrap.dedent("""
 def test_estimate_is_within_20_percent_of_measured_peak(tmp_path):
     """Peak resident memory added by an attribution run, measured in a fresh process after loading the model,
     against the estimate's tensor terms. glibc's MALLOC_MMAP_THRESHOLD_ makes freed tensors leave the process at
-    once, so resident memory follows live tensors (without it, CPU runs keep ~2x; see docs/scaling.md)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    folder = tmp_path / "model"
-    torch.manual_seed(0)
-    save_with_tiny_tokenizer(folder, GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=256, n_head=8, vocab_size=2000,
-                                                                n_positions=64)).eval())
+    once, so resident memory follows live tensors (without it, CPU runs keep ~2x; see docs/scaling.md). CPU only
+    (resident memory); the GPU's peak: the test below."""
+    folder = _probe_model(tmp_path)
     B, P = 16, 32
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     shape = shape_of_config(str(folder))
@@ -121,6 +117,49 @@ def test_estimate_is_within_20_percent_of_measured_peak(tmp_path):
         est = attribution_estimate(shape, [(B, P)], method, "float32", "cpu", allocator_slack=False, ig_steps=2)
         run = est.total - est.part("Python, torch, transformers") - est.part("weights")
         assert 0.8 * measured[method] <= run <= 1.2 * measured[method], (method, run / 2**20, measured[method] / 2**20)
+
+
+def _probe_model(tmp_path):
+    """A random GPT-2 of 2 layers x 256 wide x 8 heads, vocabulary 2000, saved with the tiny tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return save_with_tiny_tokenizer(tmp_path / "model", GPT2LMHeadModel(GPT2Config(
+        n_layer=2, n_embd=256, n_head=8, vocab_size=2000, n_positions=64)).eval())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs"])
+def test_estimate_is_within_20_percent_of_the_measured_cuda_peak(method, tmp_path):
+    """On a GPU the estimate's tensor terms against what the CUDA allocator counts: its peak
+    (``max_memory_allocated``) during an attribution run over what was allocated before, after a first run
+    that made the one-time allocations (cuBLAS workspaces)."""
+    import gc
+
+    from eapcore.attribute import AttributionSpec, attribute
+    from eapcore.data import Batch, TokenizedPairs
+    from eapcore.models import load_model, model_device
+
+    folder = _probe_model(tmp_path)
+    model = load_model(str(folder), device="cuda", dtype="float32")
+    B, P, V = 16, 32, model.cfg.d_vocab
+    g = torch.Generator().manual_seed(0)
+    clean, corrupted = torch.randint(3, V, (B, P), generator=g), torch.randint(3, V, (B, P), generator=g)
+    answers, mask = torch.randint(3, V, (B, 1), generator=g), torch.ones(B, 1, dtype=torch.bool)
+    data = TokenizedPairs(Batch(clean, corrupted, torch.full((B,), P), answers, mask, answers.flip(0), mask), "probe")
+    spec, gpu = AttributionSpec(method, 2, "logit_diff", "patching", B), model_device(model)
+    attribute(model, data, spec)
+    gc.collect()
+    torch.cuda.synchronize(gpu)
+    torch.cuda.reset_peak_memory_stats(gpu)
+    before = torch.cuda.memory_allocated(gpu)
+    attribute(model, data, spec)
+    torch.cuda.synchronize(gpu)
+    measured = torch.cuda.max_memory_allocated(gpu) - before
+    est = attribution_estimate(shape_of_config(str(folder)), [(B, P)], method, "float32", "cuda", allocator_slack=False,
+                               ig_steps=2)
+    run = est.total - est.part("weights")
+    assert 0.8 * measured <= run <= 1.2 * measured, (method, run / 2**20, measured / 2**20)
 
 
 def test_cli_dry_run_prints_the_estimate_and_exits(tiny_dir, tmp_path, capsys):

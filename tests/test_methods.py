@@ -46,6 +46,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]).double())[0, 1])
 
 
+@pytest.mark.devices
 def test_exact_equals_hand_patching(tiny64, hf64, data):
     """Every edge is checked by tests/test_evaluate.py's single-edge test; here a sample of scores."""
     graph = model_graph(tiny64)
@@ -72,6 +73,7 @@ def test_exact_node_level_ablates_one_node_at_a_time(tiny64, hf64, data):
         assert nodes[row].item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.devices
 def test_eap_ig_activations_converges_toward_exact(tiny64, data):
     exact = attribute(tiny64, data, AttributionSpec(method="exact", batch_size=8)).edges
     real = model_graph(tiny64).real_edge_mask
@@ -82,6 +84,7 @@ def test_eap_ig_activations_converges_toward_exact(tiny64, data):
     assert corr[8] > corr[1] and corr[8] > 0.9, corr
 
 
+@pytest.mark.devices
 def test_node_scores_are_row_sums_of_edge_scores_and_neuron_sums(tiny64, data):
     """EAP: ∂L/∂a_u = Σ over u's children of ∂L/∂h_v, so a node's score is its row of edge scores."""
     for method in ("EAP", "EAP-IG-inputs"):
@@ -105,6 +108,7 @@ def _means(hf, graph, data, positional):
     return torch.cat(outs, dim=1).mean(1)  # every real position
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("intervention", ["zero", "mean", "mean-positional"])
 def test_ablations_equal_explicit_replacement(intervention, tiny64, hf64, pairs):
     graph = model_graph(tiny64)
@@ -172,6 +176,7 @@ def test_neuron_masks_are_honoured(tiny64, hf64, data):
     assert ours == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.devices
 def test_information_flow_routes_match_direct_computation(tiny64, hf64, data):
     graph = model_graph(tiny64)
     ours = attribute(tiny64, data, AttributionSpec(method="information-flow-routes", batch_size=3)).edges
@@ -203,6 +208,7 @@ def test_incompatible_options_are_refused(kwargs, message):
         AttributionSpec(**kwargs)
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("method, level", [("EAP-IG-inputs", "edge"), ("EAP", "neuron"), ("EAP-IG-activations", "edge")])
 def test_chunked_buffer_gives_the_same_scores(method, level, tiny64, data):
     """Splitting the Δ buffer into windows of source rows (for memory) changes no score."""

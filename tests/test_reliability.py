@@ -33,6 +33,7 @@ def failing_metric(exc: Exception, after: int = 0) -> Metric:
     return Metric("failing", fn)
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs", "EAP-IG-activations"])
 def test_an_exception_in_a_hooked_pass_leaves_no_hooks(method, tiny32, pairs):
     data = tokenize(pairs, tiny32.tokenizer)
@@ -52,6 +53,7 @@ def test_nan_metric_names_the_batch_and_step(tiny32, pairs):
     assert attached_hooks(tiny32) == 0
 
 
+@pytest.mark.devices
 def test_out_of_memory_is_reported_with_the_batch_size(tiny32, pairs):
     with pytest.raises(MemoryError, match=r"out of memory .* batch size 4.*--batch-size 2"):
         attribute(tiny32, tokenize(pairs, tiny32.tokenizer), AttributionSpec(batch_size=4),
@@ -61,7 +63,7 @@ def test_out_of_memory_is_reported_with_the_batch_size(tiny32, pairs):
 
 def test_a_real_cpu_allocation_failure_is_reported_with_the_batch_size(tiny32, pairs):
     """The CPU allocator fails with a plain RuntimeError (not torch.OutOfMemoryError); a metric that asks
-    for 40 TB makes a real one."""
+    for 40 TB makes a real one. CPU only (the message names the CPU); on CUDA see tests/test_device_errors.py."""
     greedy = Metric("greedy", lambda logits, batch, clean=None: logits[:, 0] + torch.empty(10**13).sum())
     with pytest.raises(MemoryError, match=r"out of memory on cpu .* batch size 4.*--batch-size 2"):
         attribute(tiny32, tokenize(pairs, tiny32.tokenizer), AttributionSpec(batch_size=4), metric=greedy)
@@ -69,6 +71,7 @@ def test_a_real_cpu_allocation_failure_is_reported_with_the_batch_size(tiny32, p
 
 
 def test_an_allocation_failure_while_evaluating_says_what_to_change(tiny32, pairs):
+    """CPU only: the message names the CPU."""
     greedy = Metric("greedy", lambda logits, batch, clean=None: logits[:, 0] + torch.empty(10**13).sum())
     evaluator = CircuitEvaluator(tiny32, tokenize(pairs, tiny32.tokenizer), greedy, batch_size=4)
     with pytest.raises(MemoryError, match=r"out of memory on cpu while evaluating 8 prompts in batches of 4 .*fewer prompts"):
@@ -87,6 +90,9 @@ def test_attribution_can_be_cancelled_from_the_progress_callback(tiny32, pairs):
 
 
 def test_evaluation_failure_inside_a_hooked_pass_leaves_no_hooks(tiny32, pairs):
+    """CPU only: an id past the embedding is an IndexError on the CPU, but on CUDA a device-side assert that
+    breaks every later CUDA call of the process (the vocabulary check keeps such ids from every pass:
+    tests/test_device_errors.py)."""
     data = tokenize(pairs, tiny32.tokenizer)
     corrupted = data.data.corrupted.clone()
     corrupted[0, 1] = 10_000  # not in the vocabulary: the embedding lookup fails mid-pass
@@ -98,6 +104,7 @@ def test_evaluation_failure_inside_a_hooked_pass_leaves_no_hooks(tiny32, pairs):
     assert ev.evaluate(Circuit.empty(ev.graph)).mean().item() == pytest.approx(ev.baseline().corrupted, abs=1e-5)
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("method", ["EAP-IG-inputs", "information-flow-routes"])
 def test_scores_are_bitwise_deterministic(method, tiny32, pairs):
     data = tokenize(pairs, tiny32.tokenizer)
