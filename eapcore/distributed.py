@@ -3,9 +3,14 @@
 ``torchrun --nproc-per-node N -m eapcore attribute ...`` starts N copies of the CLI with ``RANK``,
 ``LOCAL_RANK`` and ``WORLD_SIZE`` set. :func:`setup` reads them and, when ``WORLD_SIZE > 1``, joins
 the process group (``nccl`` on CUDA, each process on ``cuda:LOCAL_RANK``; ``gloo`` on CPU). Each rank
-scores a contiguous :func:`shard` of the prompt pairs; :func:`reduce_scores` turns each rank's mean
-into the mean over all pairs (Σ_rank n_rank · scores_rank / N, in float64), so the result equals the
-single-process one to float tolerance with the same per-example weighting. Rank 0 writes the output.
+scores an interleaved :func:`shard` of the prompt pairs (every ``WORLD_SIZE``-th pair, so that data sorted
+by length gives every rank the same work); :func:`reduce_scores` turns each rank's mean into the mean
+over all pairs (Σ_rank n_rank · scores_rank / N, in float64), so the result equals the single-process one
+to float tolerance with the same per-example weighting. Rank 0 writes the output.
+
+Every collective waits at most ``timeout_s`` (30 minutes) for the other ranks. A rank that fails inside
+:func:`collective` tells the others, so that all stop with it; a rank that dies is noticed by torchrun,
+which stops the others.
 
 Mean interventions (``mean``, ``mean-positional``) average over *all* pairs on every rank, as a single
 process does: the full data set is passed as the reference.
@@ -151,22 +156,16 @@ def quiet_if_not_main(ctx: Context) -> None:
         pass
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous slice ``[start, stop)`` of ``n`` items that ``rank`` takes; sizes differ by at most one."""
+def shard(data: TokenizedPairs, rank: int, world: int) -> TokenizedPairs:
+    """Rank ``rank``'s share of ``data``: pairs ``rank``, ``rank + world``, ... (sizes differ by at most one; a
+    new :class:`TokenizedPairs`, whose padded width :meth:`TokenizedPairs.batches` trims per batch). Interleaved
+    rather than contiguous: with data sorted by length, contiguous shards would give the last rank the longest
+    prompts while the others wait for it in the next collective."""
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in a world of {world} processes")
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-def shard(data: TokenizedPairs, rank: int, world: int) -> TokenizedPairs:
-    """Rank ``rank``'s contiguous share of ``data`` (a new :class:`TokenizedPairs`; the padded width is kept,
-    :meth:`TokenizedPairs.batches` trims it per batch)."""
-    start, stop = shard_bounds(len(data), rank, world)
     d = data.data
-    part = Batch(*(getattr(d, f)[start:stop] for f in d.__dataclass_fields__))
-    return TokenizedPairs(part, f"{data.fingerprint}[{start}:{stop}]")
+    part = Batch(*(getattr(d, f)[rank::world] for f in d.__dataclass_fields__))
+    return TokenizedPairs(part, f"{data.fingerprint}[{rank}::{world}]")
 
 
 def check_size(n: int, ctx: Context) -> None:
@@ -190,14 +189,21 @@ def all_ok(ok: bool, ctx: Context) -> bool:
 
 def collective(fn: Callable[[], T], ctx: Context) -> T:
     """Run ``fn`` on every rank; if it fails on any rank, raise on all of them (so that no rank waits
-    forever in the next collective). The failing rank re-raises its own error."""
+    forever in the next collective). The failing rank re-raises its own error, also when it cannot reach the
+    others any more (e.g. a CUDA error broke its device: it exits, and torchrun stops the others)."""
     error: BaseException | None = None
     result: Any = None
     try:
         result = fn()
     except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
         error = e
-    if not all_ok(error is None, ctx):
+    try:
+        ok = all_ok(error is None, ctx)
+    except Exception:
+        if error is None:
+            raise
+        raise error from None
+    if not ok:
         if error is not None:
             raise error
         raise PeerFailed("stopped because another process failed (that process printed the error)")
@@ -223,7 +229,7 @@ def reduce_scores(local: Scores, n_local: int, n_total: int, ctx: Context, finge
             return None
         return (_sum(t.double() * n_local, ctx) / n_total).to("cpu", t.dtype)
 
-    provenance = {**local.provenance, "n_examples": n_total, "data_parallel": {"world_size": ctx.world, "shard": "contiguous"}}
+    provenance = {**local.provenance, "n_examples": n_total, "data_parallel": {"world_size": ctx.world, "shard": "interleaved"}}
     if fingerprint is not None:
         provenance["data"] = fingerprint
     return replace(local.cpu(), edges=reduce(local.edges), nodes=reduce(local.nodes), neurons=reduce(local.neurons),
