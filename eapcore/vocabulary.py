@@ -26,6 +26,8 @@ def check_vocabulary(data: TokenizedPairs, model: Any) -> None:
     """Every id of the prompts, their padding and the answers is below ``model.cfg.d_vocab``; otherwise a
     :class:`DataError` naming the first bad row, the id, its token and the vocabulary size."""
     d, n = data.data, int(model.cfg.d_vocab)
+    if n <= 0:  # a config that leaves the vocabulary to the tokenizer: nothing to check against
+        return
     real = torch.arange(d.n_pos)[None, :] < d.lengths[:, None].cpu()
     for what, ids, used in (("clean prompt", d.clean, real), ("corrupted prompt", d.corrupted, real),
                             ("correct answer", d.correct, d.correct_mask), ("incorrect answer", d.incorrect, d.incorrect_mask)):
