@@ -26,7 +26,7 @@ from eapcore.interventions import INTERVENTIONS, Intervention, make_intervention
 from eapcore.memory import reporting_out_of_memory
 from eapcore.methods import LEVELS, METHODS, get_method
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
-from eapcore.models import frozen, model_device, model_dtype, model_graph, model_lock
+from eapcore.models import frozen, model_device, model_dtype, model_graph, model_lock, source_name
 from eapcore.recording import record_sources, row_windows, source_outputs
 from eapcore.sites import destinations, per_column
 from eapcore.vocabulary import check_vocabulary
@@ -84,6 +84,12 @@ class AttributionSpec:
         return get_method(self.method).passes_per_batch(graph, len(row_windows(graph, self.chunks)), self.ig_steps,
                                                         self.level)
 
+    def total_passes(self, graph: Graph, n_examples: int) -> int:
+        """What ``progress`` counts to over a whole run (``exact``: evaluations over all the data)."""
+        if get_method(self.method).runner == "removal":
+            return self.passes_per_batch(graph)
+        return -(-n_examples // self.batch_size) * self.passes_per_batch(graph)
+
 
 def attribute(
     model: Any,
@@ -119,7 +125,7 @@ def attribute(
         **asdict(spec),
         "backend": backend,
         "metric": metric.name,
-        "model": str(getattr(model.cfg, "model_name", "")),
+        "model": source_name(str(getattr(model.cfg, "model_name", ""))),
         "data": data.fingerprint,
         "n_examples": len(data),
     }

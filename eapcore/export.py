@@ -7,6 +7,9 @@ with ``weights_only=True`` only. ``.json``: ``{"cfg", "nodes": {name: {"in_graph
 "edges": {"parent->child<q>": {"score", "in_graph"}}}``. Both carry our provenance under ``eapcore``, and
 there, under ``edits``, the hand edits that made the circuit (:func:`eapcore.edits.from_provenance` reads
 them back).
+
+Every function takes a path or an open binary file (``io.BytesIO``, an upload); messages name the file
+by its path, its ``name`` argument or the file object's own ``name``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -34,6 +37,7 @@ from eapcore.schema import (
 )
 
 PathLike = str | os.PathLike
+Target = PathLike | IO[bytes]
 _DAMAGED = "the file may be truncated or corrupted: export or download it again"
 REQUIRED_PT_KEYS = ("cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph")
 
@@ -103,19 +107,32 @@ def _values(graph: Graph, tables: dict[str, Any], provenance: dict) -> tuple[Sco
 # ----- .pt -----
 
 
+def _is_file(target: Any) -> bool:
+    return hasattr(target, "read") or hasattr(target, "write")
+
+
+def _label(source: Target, name: str | None) -> str:
+    """How messages name ``source``."""
+    if name is not None:
+        return name
+    if _is_file(source):
+        return str(getattr(source, "name", None) or "the uploaded file")
+    return str(source)
+
+
 def save_pt(
-    path: PathLike, scores: Scores | None, circuit: Circuit | None, provenance: dict | None = None,
+    target: Target, scores: Scores | None, circuit: Circuit | None, provenance: dict | None = None,
     edits: Edits | None = None,
 ) -> None:
     """Write scores and/or a circuit as an EAP-IG ``.pt`` file; ``provenance`` defaults to the scores'."""
-    torch.save(_payload(scores, circuit, provenance, edits), path)
+    torch.save(_payload(scores, circuit, provenance, edits), target)
 
 
-def _torch_load(path: PathLike, fail: FileCheck) -> Any:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"circuit file {path} does not exist")
+def _torch_load(source: Target, fail: FileCheck) -> Any:
+    if not _is_file(source) and not Path(source).is_file():
+        raise FileNotFoundError(f"circuit file {source} does not exist")
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(source, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         opcode = re.search(r"Unsupported operand (\d+)", str(e))
         if opcode:  # garbage bytes, or a pickle the weights-only reader cannot parse: either way nothing ran
@@ -156,11 +173,11 @@ def _check_names(key: str, found: Any, names: list[str], fail: FileCheck) -> Non
     )
 
 
-def load_pt(path: PathLike, expected: Graph | None = None) -> tuple[Scores, Circuit]:
+def load_pt(source: Target, expected: Graph | None = None, name: str | None = None) -> tuple[Scores, Circuit]:
     """Read a ``.pt`` circuit file (never a full unpickle) and check it against its own ``cfg`` and,
     when given, the ``expected`` graph of the loaded model."""
-    fail = FileCheck(path, ".pt")
-    data = _torch_load(path, fail)
+    fail = FileCheck(_label(source, name), ".pt")
+    data = _torch_load(source, fail)
     if not isinstance(data, dict):
         fail(f"it holds a {type(data).__name__}, not a dict")
     missing = [key for key in REQUIRED_PT_KEYS if key not in data]
@@ -193,7 +210,7 @@ def load_pt(path: PathLike, expected: Graph | None = None) -> tuple[Scores, Circ
 
 
 def save_json(
-    path: PathLike, scores: Scores | None, circuit: Circuit | None, provenance: dict | None = None,
+    target: Target, scores: Scores | None, circuit: Circuit | None, provenance: dict | None = None,
     edits: Edits | None = None,
 ) -> None:
     """Write scores and/or a circuit as an EAP-IG ``.json`` file (real edges in row-major order)."""
@@ -214,16 +231,20 @@ def save_json(
         graph.edge_name(r, c): {"score": s, "in_graph": f}
         for r, c, s, f in zip(rows.tolist(), cols.tolist(), scores_list, flags)
     }
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"cfg": data["cfg"], "nodes": nodes, "edges": edges, "eapcore": data["eapcore"]}, f)
+    blob = json.dumps({"cfg": data["cfg"], "nodes": nodes, "edges": edges, "eapcore": data["eapcore"]}).encode()
+    if _is_file(target):
+        target.write(blob)
+    else:
+        Path(target).write_bytes(blob)
 
 
-def load_json(path: PathLike, expected: Graph | None = None) -> tuple[Scores, Circuit]:
+def load_json(source: Target, expected: Graph | None = None, name: str | None = None) -> tuple[Scores, Circuit]:
     """Read and check a ``.json`` circuit file: types of every field, every real edge exactly once,
     and (when given) the ``expected`` graph of the loaded model."""
-    fail = FileCheck(path, ".json")
+    fail = FileCheck(_label(source, name), ".json")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        blob = source.read() if _is_file(source) else Path(source).read_bytes()
+        text = blob.decode("utf-8") if isinstance(blob, bytes) else blob
     except UnicodeDecodeError as e:
         fail(f"it is not UTF-8 text ({e})")
     data = parse_json(text, fail)
@@ -241,11 +262,13 @@ def load_json(path: PathLike, expected: Graph | None = None) -> tuple[Scores, Ci
     return _values(graph, tables, data.get("eapcore", {}))
 
 
-def load_circuit(path: PathLike, expected: Graph | None = None) -> tuple[Scores, Circuit]:
-    """Load a ``.pt`` or ``.json`` circuit file, chosen by suffix."""
-    suffix = Path(path).suffix.lower()
+def load_circuit(source: Target, expected: Graph | None = None, name: str | None = None) -> tuple[Scores, Circuit]:
+    """Load a ``.pt`` or ``.json`` circuit file, chosen by the suffix of its path (or of ``name``, for a
+    file object)."""
+    label = _label(source, name)
+    suffix = Path(label).suffix.lower()
     if suffix == ".pt":
-        return load_pt(path, expected)
+        return load_pt(source, expected, name=label)
     if suffix == ".json":
-        return load_json(path, expected)
-    raise ValueError(f"cannot load circuit file {path}: unknown suffix {suffix!r}; use a .pt or .json file")
+        return load_json(source, expected, name=label)
+    raise ValueError(f"cannot load circuit file {label}: unknown suffix {suffix!r}; use a .pt or .json file")

@@ -64,6 +64,13 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a model name is meant as a folder: it starts with ``/``, ``.``, ``~`` or a drive, holds a
+    backslash, or has more than one ``/`` (a hub id is ``name`` or ``owner/name``)."""
+    return (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+            or (len(name) > 1 and name[1] == ":"))
+
+
 def resolve_source(name: str) -> str:
     """Map ``demo`` and local folders to paths; check that a hub name can be fetched at all."""
     if name == "demo":
@@ -78,14 +85,25 @@ def resolve_source(name: str) -> str:
                 "`save_pretrained` (config.json, weights and tokenizer files)"
             )
         return str(path)
+    if looks_like_path(name):
+        raise FileNotFoundError(
+            f"model folder {name!r} does not exist (looked for {str(path.resolve())!r}); check the path, or give "
+            "'demo' or a Hugging Face model name such as 'gpt2'"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     if offline or not _hub_reachable():
         raise ConnectionError(
-            f"cannot load model {name!r}: it is not a local folder and the Hugging Face hub cannot be "
-            "reached. Download it on a connected machine (`huggingface-cli download "
-            f"{name} --local-dir DIR`) and load the folder DIR instead, or use the embedded model 'demo'"
+            f"cannot load model {name!r}: there is no folder of that name here and the Hugging Face hub cannot be "
+            f"reached. Download it on a connected machine (`hf download {name} --local-dir DIR`, with the "
+            "huggingface_hub package installed) and load the folder DIR instead, or use the embedded model 'demo'"
         )
     return name
+
+
+def source_name(source: str) -> str:
+    """The name a loaded model goes by: ``demo`` for the embedded model's folder, else ``source`` itself
+    (the inverse of :func:`resolve_source`)."""
+    return "demo" if source and Path(source) == DEMO_MODEL_DIR else source
 
 
 def load_model(spec: ModelSpec | str = "demo", device: str | None = None, dtype: str | None = None) -> Any:

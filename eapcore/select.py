@@ -1,5 +1,6 @@
 """Choosing a circuit from scores: top-n, threshold, greedy growth from the logits, node-level top-n,
-and pruning to the part that lies on input-to-logits paths.
+the top circuit at the scores' own level (:func:`top`), and pruning to the part that lies on
+input-to-logits paths.
 
 All functions return a new :class:`Circuit` and never mutate their inputs. Masks are
 ``[n_forward, n_backward]`` bool and only ever mark real edges.
@@ -15,6 +16,8 @@ import torch
 from eapcore.circuit import Circuit, Scores
 from eapcore.graph import Graph
 from eapcore.schema import describe
+
+EDGES, NODES = "edges", "nodes"
 
 
 @lru_cache(maxsize=16)
@@ -128,6 +131,27 @@ def by_nodes(scores: Scores, n: int, absolute: bool = True, prune: bool = True) 
     kept_col = torch.cat([kept, kept.new_ones(1)])[column_node(graph)]
     edges = graph.real_edge_mask & kept[:, None] & kept_col[None, :]
     return _finish(graph, edges, prune)
+
+
+def unit_of(scores: Scores) -> str:
+    """What circuits of these scores are chosen by: ``edges`` for edge-level scores, ``nodes`` for node- or
+    neuron-level ones (their edge scores are all zero)."""
+    level = scores.provenance.get("level", "edge")
+    return NODES if level in ("node", "neuron") and scores.nodes is not None else EDGES
+
+
+def top(scores: Scores, n: int, absolute: bool = True) -> Circuit:
+    """The pruned top-``n`` circuit at the scores' level: ``n`` edges for edge-level scores
+    (:func:`top_n`), ``n`` nodes for node- and neuron-level ones (:func:`by_nodes`)."""
+    if unit_of(scores) == NODES:
+        return by_nodes(scores, n, absolute=absolute)
+    return top_n(scores, n, absolute=absolute)
+
+
+def selection(scores: Scores, n: int, absolute: bool = True) -> dict:
+    """How :func:`top` chose a circuit, as exported files record it."""
+    how = "by_nodes" if unit_of(scores) == NODES else "top_n"
+    return {"method": how, "n": n, "absolute": absolute, "pruned": True}
 
 
 def _prune_edges(graph: Graph, edges: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,29 @@ def test_round_trip_is_exact(tmp_path: Path, save, load, neurons: bool) -> None:
 
 
 @pytest.mark.parametrize("save, suffix", [(save_pt, "pt"), (save_json, "json")])
+def test_file_objects_read_and_write_what_paths_do(tmp_path: Path, save, suffix: str) -> None:
+    """Saving into a BytesIO gives the file's bytes (.json exactly; .pt the same tensors), and loading
+    from one gives what loading the path gives; messages name the file by ``name``."""
+    import io
+
+    scores, circuit = make(GraphConfig(2, 2, d_model=4))
+    path = tmp_path / f"c.{suffix}"
+    save(path, scores, circuit)
+    buf = io.BytesIO()
+    save(buf, scores, circuit)
+    if suffix == "json":
+        assert buf.getvalue() == path.read_bytes()
+    from_path = load_circuit(path, expected=scores.graph)
+    assert_same(from_path, load_circuit(io.BytesIO(buf.getvalue()), expected=scores.graph, name=f"upload.{suffix}"))
+    assert_same(from_path, load_circuit(io.BytesIO(path.read_bytes()), name=f"x.{suffix}"))
+    damaged = io.BytesIO(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=rf"^my upload\.{suffix} is not a valid eapcore/EAP-IG \.{suffix} circuit file"):
+        load_circuit(damaged, name=f"my upload.{suffix}")
+    with pytest.raises(ValueError, match=r"cannot load circuit file notes\.txt: unknown suffix"):
+        load_circuit(io.BytesIO(b""), name="notes.txt")
+
+
+@pytest.mark.parametrize("save, suffix", [(save_pt, "pt"), (save_json, "json")])
 def test_defaults_without_scores_or_circuit(tmp_path: Path, save, suffix: str) -> None:
     scores, circuit = make(GraphConfig(2, 2), neurons=False)
     save(tmp_path / f"s.{suffix}", scores, None, provenance={"run": 1})

@@ -3,7 +3,8 @@
 It is also the ``torchrun`` entry point: ``torchrun --nproc-per-node N -m eapcore attribute ...`` shares
 the prompt pairs among N processes and all-reduces the scores; rank 0 writes the file (docs/scaling.md).
 Errors print one line (``eapcore COMMAND: error: ...``) and exit with status 2; a command that ran but
-failed exits with 1.
+failed exits with 1. Every command takes ``--threads N``; without it the thread policy of
+:mod:`eapcore.threads` applies.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import sys
 from typing import Sequence
 
 from eapcore.cli import attribute, compare, evaluate, graph, inspect, jobs, mib, verify
-from eapcore.cli.common import ERRORS, CommandFailed, one_line
+from eapcore.cli.common import ERRORS, CommandFailed, add_threads, one_line
 from eapcore.distributed import Context, PeerFailed
+from eapcore.threads import configure_threads
 
 COMMANDS = (attribute, evaluate, compare, verify, inspect, jobs, graph, mib)  # each module's register() adds its subcommand
 
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
+    for command_parser in sub.choices.values():
+        add_threads(command_parser)
     return parser
 
 
@@ -42,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ctx = Context()
     try:
+        configure_threads(args.threads)
         ctx = getattr(args, "context", _default_context)(args)
         quiet_if_not_main(ctx)
         args.run(args, ctx)

@@ -44,9 +44,8 @@ def run(args: argparse.Namespace, ctx: Context) -> None:
         scores = attribute_parallel(model, data, spec, ctx, progress=bar_callback(bar)).cpu()
     if not ctx.main:
         return
-    provenance = {**scores.provenance, "model": args.model}
     save = save_json if args.out.endswith(".json") else save_pt
-    save(args.out, scores, None, provenance)
+    save(args.out, scores, None)
     workers = f" by {ctx.world} processes" if ctx.active else ""
     print(f"wrote {args.out}: {scores.graph.n_edges} edges scored on {len(data)} pairs{workers}", file=sys.stderr)
 

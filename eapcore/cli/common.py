@@ -24,6 +24,13 @@ class CommandFailed(Exception):
     """A command that ran but did not succeed (exit status 1), e.g. a batch job with failed runs."""
 
 
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads``, which every command takes (applied by :func:`eapcore.cli.main`)."""
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: $OMP_NUM_THREADS when set, else 1 on a machine with two or fewer "
+                        "cores, else torch's default)")
+
+
 def add_placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
