@@ -11,10 +11,11 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from ui import cache, state, widgets  # noqa: E402
+from eapcore.threads import configure_threads  # noqa: E402
+from ui import state, widgets  # noqa: E402
 
-st.set_page_config(page_title="EAP-IG circuit explorer", page_icon=widgets.favicon_png(), layout="wide")
-cache.configure_threads()
+st.set_page_config(page_title="EAP-IG circuit explorer", page_icon=str(widgets.FAVICON), layout="wide")
+configure_threads()
 state.init_defaults()
 
 PAGES = [

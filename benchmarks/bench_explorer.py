@@ -15,43 +15,20 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]
 
 import common  # noqa: E402
+from ui import server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 NUMBER = re.compile(r"^\s*-?\d+\.\d{4}\s*$")
-
-
-def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address",
-             "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"streamlit did not start:\n{log.read_text()[-2000:]}")
 
 
 def drive(url: str, chromium: str, moves: int, settle_ms: int) -> tuple[float, list[tuple[int, float]]]:
@@ -109,14 +86,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lines = get_task("ioi").csv.read_text().splitlines(keepends=True)  # one pair per line (no quoted newlines)
         csv = Path(tmp) / "ioi_first.csv"
         csv.write_text("".join(lines[: args.pairs + 1]))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "EAPCORE_APP_MODEL": args.model, "EAPCORE_APP_DATA": str(csv),
-               "EAPCORE_APP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
-        proc, url = start_server(env, Path(tmp) / "streamlit.log")
-        try:
+        env = {"EAPCORE_APP_MODEL": args.model, "EAPCORE_APP_DATA": str(csv)}
+        with server.running(env, Path(tmp) / "streamlit.log") as url:
             to_graph, moves = drive(url, args.chromium, args.moves, args.settle_ms)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
     seconds = [t for _, t in moves]
     record = {
         "model": args.model, "pairs": args.pairs, "machine": common.machine("cpu"),

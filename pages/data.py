@@ -7,11 +7,13 @@ import html
 import pandas as pd
 import streamlit as st
 
-from eapcore import render
 from eapcore.data import COLUMNS, PromptPairs
+from eapcore.gap import gap_warning
 from eapcore.metrics import METRICS
 from eapcore.tasks import TASKS
+from eapcore.tokens import token_diff
 from ui import cache, state, widgets
+from ui.figures import token_diff_html
 
 state.require_entry()
 s = st.session_state
@@ -54,15 +56,24 @@ elif source == "Upload CSV":
     if upload is not None and s.get("upload_error"):
         st.error(s.upload_error, icon=":material/error:")
 else:
+    # The editor sits in a form: cell edits stay in the browser until "Use these pairs" sends them all at
+    # once, so typing never races the page's reruns. Fixed column widths keep all four columns in view.
     current = s.get("pairs")
+    shown = len(current) if current is not None and s.get("data_label") == "typed pairs" else 5
     if current is not None:
-        seed = pd.DataFrame({"clean": current.clean[:5], "corrupted": current.corrupted[:5],
-                             "correct": [a[0] if len(a) == 1 else str(list(a)) for a in current.correct[:5]],
-                             "incorrect": [a[0] if len(a) == 1 else str(list(a)) for a in current.incorrect[:5]]})
+        seed = pd.DataFrame({"clean": current.clean[:shown], "corrupted": current.corrupted[:shown],
+                             "correct": [a[0] if len(a) == 1 else str(list(a)) for a in current.correct[:shown]],
+                             "incorrect": [a[0] if len(a) == 1 else str(list(a)) for a in current.incorrect[:shown]]})
     else:
         seed = pd.DataFrame({c: [""] for c in COLUMNS})
-    table = st.data_editor(seed, num_rows="dynamic", width="stretch", key="w_typed_pairs")
-    if st.button("Use these pairs", type="primary", key="use_typed"):
+    widths = {"clean": 360, "corrupted": 360, "correct": 110, "incorrect": 110}
+    with st.form("typed_pairs_form", border=False):
+        table = st.data_editor(seed, num_rows="dynamic", width="stretch", hide_index=True, key="w_typed_pairs",
+                               column_config={c: st.column_config.TextColumn(c, width=w) for c, w in widths.items()})
+        submitted = st.form_submit_button("Use these pairs", type="primary", key="use_typed")
+    st.caption("Select a cell and type (or press Enter to edit it); Enter or Tab keeps the value. "
+               "The pairs are checked and used when you press the button.")
+    if submitted:
         with state.guard("The typed pairs were not used"):
             use(PromptPairs.from_frame(table.fillna("")), "typed pairs")
 
@@ -83,7 +94,18 @@ with state.guard("Baseline"):
         base = evaluator.baseline()
     st.subheader(f"{s.data_label}: {len(s.pairs)} pairs")
     widgets.metric_row({f"clean {s.metric}": f"{base.clean:.4f}", f"corrupted {s.metric}": f"{base.corrupted:.4f}",
-                        "clean - corrupted": f"{base.clean - base.corrupted:.4f}"})
+                        "clean - corrupted": f"{base.clean - base.corrupted:.4f}"},
+                       {"clean - corrupted": "The gap that faithfulness divides by: it must be clearly non-zero."})
+    warning = gap_warning(base.clean, base.corrupted, s.metric)
+    if warning:
+        st.warning(warning, icon=":material/warning:")
+    unknown = cache.get_unknown_words(s.model_spec, s.pairs)
+    if unknown:
+        listed = "; ".join(f"row {u.row} {u.column}: {u.word!r}" for u in unknown[:8])
+        more = f" (and more: at least {len(unknown)})" if len(unknown) > 8 else ""
+        st.warning(f"The tokenizer does not know some words and turns them into its unknown token, so the model "
+                   f"never sees them: {listed}{more}. Rephrase them with known words before running an attribution.",
+                   icon=":material/warning:")
 
 with state.guard("Preview"):
     st.subheader("Token preview")
@@ -92,10 +114,10 @@ with state.guard("Preview"):
     first = st.columns([1, 4])[0].number_input("First pair shown", min_value=1, max_value=n, value=1, step=5)
     unk = getattr(tokenizer, "unk_token", None)
     for row in range(first - 1, min(first + 4, n)):
-        diff = render.token_diff(tokenizer, s.pairs.clean[row], s.pairs.corrupted[row])
+        diff = token_diff(tokenizer, s.pairs.clean[row], s.pairs.corrupted[row])
         answers = f"correct {', '.join(s.pairs.correct[row])} · incorrect {', '.join(s.pairs.incorrect[row])}"
         st.html(f'<div style="margin-bottom:6px"><b>pair {row + 1}</b> '
                 f'<span style="color:#6b7280;font-size:0.85em">{html.escape(answers)}</span>'
-                f'{render.token_diff_html(diff, unk)}</div>')
+                f'{token_diff_html(diff, unk)}</div>')
     st.caption("Yellow/red: tokens that differ between the clean and corrupted prompt; red outline: unknown word.")
 st.page_link("pages/attribute.py", label="Next: attribute", icon=":material/arrow_forward:")

@@ -3,11 +3,15 @@ curve with CPR/CMD, and the circuit as an interactive graph."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
-from eapcore import render
 from eapcore.models import model_graph
-from ui import cache, state, widgets
+from eapcore.select import NODES, unit_of
+from eapcore.sizes import log_grid, unit_count
+from ui import cache, current, figures, state, widgets
+from ui.provenance import UNDEFINED, fmt_faithfulness
 
 state.require_entry()
 s = st.session_state
@@ -16,22 +20,36 @@ if not widgets.need("pairs", "scores"):
     st.stop()
 
 scores, graph = s.scores, s.scores.graph
-unit, total = cache.unit_of(scores), cache.unit_count(scores)
+unit, total = unit_of(scores), unit_count(scores)
 ready = False
 with state.guard("Cannot explore these scores"):
     model_cfg = model_graph(cache.get_model(s.model_spec)).cfg
     if model_cfg != graph.cfg:
         raise ValueError(f"the scores are for a graph {graph.cfg} but the loaded model's is {model_cfg}; "
                          "load the matching model or run the attribution again")
-    evaluator = cache.get_evaluator(s.model_spec, s.pairs, s.metric, cache.intervention_of(scores))
+    evaluator = current.evaluator()
     baseline = evaluator.baseline()
+    undefined = cache.undefined(evaluator)
     ready = True
 if not ready:
     st.stop()
 
-grid = render.log_grid(total)
-if s.get("n_edges") is None or not 0 <= s.n_edges <= total:
-    s.n_edges = cache.default_size(scores)
+metric = evaluator.metric.name
+if metric != s.metric:
+    spec = current.spec_of(scores)
+    st.warning(f"These scores were made with `{metric}`, so Explore evaluates their circuits with `{metric}`; "
+               f"the session's metric is now `{s.metric}`.", icon=":material/warning:")
+    if spec is not None and st.button(f"Run this attribution again with {s.metric}", icon=":material/replay:",
+                                      key="rerun_with_metric"):
+        s.attr_spec = replace(spec, metric=s.metric)
+        for widget in ("w_method", "w_steps", "w_batch", "w_intervention", "w_attr_metric", "w_level"):
+            s.pop(widget, None)  # re-seeded from attr_spec
+        s.run_requested = True
+        st.switch_page("pages/attribute.py")
+
+grid = log_grid(total)
+pin = current.pinned()
+n_now = current.pinned_size(scores, pin) if pin is not None else current.size()
 
 
 def snap(n: int) -> int:
@@ -39,11 +57,13 @@ def snap(n: int) -> int:
 
 
 def from_slider() -> None:
+    current.unpin()
     s.n_edges = int(s.w_n_slider)
     s.w_n_box = s.n_edges
 
 
 def from_box() -> None:
+    current.unpin()
     n = int(s.w_n_box)
     if n > total:  # no max_value on the box: say why the number changed instead of silently clamping it
         s.explore_note = f"{n:,} is more than the {total:,} {unit} in the graph; showing the whole graph ({total:,})."
@@ -52,12 +72,12 @@ def from_box() -> None:
     s.w_n_slider = snap(s.n_edges)
 
 
-if s.get("w_n_slider") not in grid:
-    s.w_n_slider = snap(s.n_edges)
-if s.get("w_n_box") is None or s.w_n_box > total:
-    s.w_n_box = s.n_edges
+if s.get("w_n_slider") not in grid or (pin is not None and s.w_n_slider != snap(n_now)):
+    s.w_n_slider = snap(n_now)
+if s.get("w_n_box") is None or s.w_n_box > total or pin is not None:
+    s.w_n_box = n_now
 state.widget_value("w_absolute", "absolute")
-st.caption(f"Scores: {s.scores_label} · data: {s.data_label} ({len(s.pairs)} pairs) · metric `{s.metric}` "
+st.caption(f"Scores: {s.scores_label} · data: {s.data_label} ({len(s.pairs)} pairs) · metric `{metric}` "
            f"(clean {baseline.clean:.3f}, corrupted {baseline.corrupted:.3f}) · intervention `{evaluator.intervention_kind}`")
 
 
@@ -69,23 +89,33 @@ def panel() -> None:
     c1.select_slider(f"{unit.capitalize()} in the circuit (top by score, {scale})", options=grid, key="w_n_slider",
                      on_change=from_slider)
     c2.number_input("Exact count", min_value=0, step=1, key="w_n_box", on_change=from_box, help=f"0 to {total:,}")
-    s.absolute = c3.toggle("Rank by |score|", key="w_absolute", help="Off: rank by signed score")
+    s.absolute = c3.toggle("Rank by |score|", key="w_absolute", on_change=current.unpin, help="Off: rank by signed score")
     with state.guard("Evaluation failed"):
-        result = cache.evaluate_top_n(evaluator, scores, int(s.n_edges), s.absolute)
-        s.explore_result = {"n": result.requested, "faithfulness": result.faithfulness, "metric": result.metric,
-                            "edges": result.circuit.n_edges, "nodes": result.circuit.n_nodes}
+        result = current.evaluation(evaluator).evaluation
         widgets.metric_row({
-            "Faithfulness": f"{result.faithfulness:.4f}",
-            f"Circuit {s.metric}": f"{result.metric:.4f}",
+            "Faithfulness": fmt_faithfulness(result.faithfulness),
+            f"Circuit {metric}": f"{result.metric:.4f}",
             "Edges (after pruning)": f"{result.circuit.n_edges:,} / {graph.n_edges:,}",
-            "Nodes": f"{result.circuit.n_nodes} / {graph.n_forward}",
-        })
+            "Nodes (excl. logits)": f"{result.circuit.n_nodes} / {graph.n_forward}",
+        }, {"Faithfulness": widgets.FAITHFULNESS_HELP,
+            "Nodes (excl. logits)": "Source nodes in the circuit (input, heads, MLPs); logits is always in."})
         note = st.empty()  # always present, so that the elements below keep their places between reruns
         if s.get("explore_note"):
             note.info(s.pop("explore_note"), icon=":material/info:")
+        elif pin is not None:
+            note.info(f"Showing the imported circuit from {s.pinned.get('name')} as it was saved "
+                      f"({result.circuit.n_edges:,} edges, {result.circuit.n_nodes} nodes). Move the slider or type a "
+                      "size to take the top circuit by score instead.", icon=":material/info:")
+        elif undefined:
+            note.warning(f"Faithfulness is undefined on this data: the clean run and the empty circuit give the same "
+                         f"{metric} ({baseline.clean:.4g}), so there is nothing to recover.", icon=":material/warning:")
         elif result.circuit.n_edges == 0:
             note.info("After pruning, none of these lies on a path from input to logits: add more.")
         widgets.show_graph(scores, result.circuit)
+        if undefined:
+            widgets.metric_row({"CPR (area under f)": UNDEFINED, "CMD (area under |1 - f|)": UNDEFINED},
+                               {"CPR (area under f)": widgets.CPR_HELP, "CMD (area under |1 - f|)": widgets.CMD_HELP})
+            return
         bar = st.empty()
 
         def progress(done: int, todo: int) -> None:
@@ -93,9 +123,13 @@ def panel() -> None:
 
         mib, fine = cache.get_curves(evaluator, scores, s.scores_key, s.absolute, progress)
         bar.empty()
-        marker = (100 * result.requested / total, result.faithfulness) if result.requested else None
-        st.plotly_chart(render.curve_figure(mib, fine, marker, unit), width="stretch")
-        widgets.metric_row({"CPR (area under f)": f"{mib.cpr:.4f}", "CMD (area under |1 - f|)": f"{mib.cmd:.4f}"})
+        marker = (100 * result.requested / total, result.faithfulness) if result.requested and total else None
+        st.plotly_chart(figures.curve_figure(mib, fine, marker, unit, total), width="stretch")
+        if unit == NODES:
+            st.caption("Node circuits hold whole nodes: MIB's percentages round to "
+                       + ", ".join(f"{p:g}% → {n}" for p, n in zip(mib.percents, mib.n_edges)) + f" of {total} nodes.")
+        widgets.metric_row({"CPR (area under f)": f"{mib.cpr:.4f}", "CMD (area under |1 - f|)": f"{mib.cmd:.4f}"},
+                           {"CPR (area under f)": widgets.CPR_HELP, "CMD (area under |1 - f|)": widgets.CMD_HELP})
 
 
 panel()

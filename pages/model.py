@@ -41,9 +41,13 @@ with state.guard("Could not load the model"):
     with st.spinner(f"Loading {s.model_spec.name} ..."):
         facts = cache.model_facts(s.model_spec)
     st.subheader(f"`{s.model_spec.name}`")
-    widgets.metric_row({k: f"{facts[k]:,}" for k in ("layers", "heads", "d_model", "parameters")})
-    widgets.metric_row({"graph nodes": facts["graph nodes"], "graph edges": f"{facts['graph edges']:,}",
-                        "context": facts["context"], "device / dtype": f"{facts['device']} / {facts['dtype']}"})
+    widgets.metric_row({k: f"{facts[k]:,}" for k in ("layers", "heads", "d_model", "parameters")},
+                       {"parameters": "Stored weights, each counted once (tied and shared tensors once)."})
+    n_sources = facts["graph nodes"] - 1
+    widgets.metric_row({"graph nodes (incl. logits)": facts["graph nodes"], "graph edges": f"{facts['graph edges']:,}",
+                        "context": facts["context"], "device / dtype": f"{facts['device']} / {facts['dtype']}"},
+                       {"graph nodes (incl. logits)": f"{n_sources} source nodes (input, heads, MLPs) plus logits. "
+                        f"Circuits count source nodes only: Explore shows n / {n_sources}."})
     st.caption(
         "Graph: `input`, every attention head, every MLP and `logits` are nodes; an edge runs from each "
         "earlier writer to each later reader (heads read through separate q, k and v inputs)."

@@ -187,7 +187,7 @@ def hf_model(config_cls: str, model_cls: str, kwargs: dict, seed: int = 0):
     return hf
 
 
-# ----- the app (tests/test_app.py, tests/test_bad_inputs.py, tests/test_browser.py) -----
+# ----- the app (tests/test_app.py, tests/test_app_views.py, tests/test_bad_inputs.py, tests/test_browser.py) -----
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `ui` lives next to app.py
@@ -256,6 +256,53 @@ def one_error(at, message: str) -> str:
     found = errors(at)
     assert len(found) == 1 and re.search(message, found[0]), found
     return found[0]
+
+
+APP_PAIRS = 16  # the first pairs of the IOI task that the app tests open with
+
+
+def demo_available() -> bool:
+    from eapcore.models import DEMO_MODEL_DIR
+    from eapcore.tasks import TASKS
+
+    return (DEMO_MODEL_DIR / "config.json").exists() and TASKS["ioi"].csv.exists()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    """(model name, CSV path) the app opens with (the demo model and the first IOI pairs, else the tiny
+    model and the toy pairs); environment variables point the app at them."""
+    import pandas as pd
+
+    from eapcore.tasks import TASKS
+
+    tmp = tmp_path_factory.mktemp("app")
+    if demo_available():
+        model = "demo"
+        frame = pd.read_csv(TASKS["ioi"].csv, dtype=str, keep_default_na=False).head(APP_PAIRS)
+    else:
+        model = str(save_tiny_gpt2(tmp / "tiny"))
+        frame = pd.DataFrame(TOY)
+    csv = tmp / "pairs.csv"
+    frame.to_csv(csv, index=False)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EAPCORE_APP_MODEL", model)
+    mp.setenv("EAPCORE_APP_DATA", str(csv))
+    mp.setenv("EAPCORE_APP_DEVICE", "cpu")
+    yield model, csv
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def engine(setup):
+    """The same model and data as the app's, loaded by eapcore directly (the independent reference)."""
+    from eapcore.data import PromptPairs, tokenize
+    from eapcore.models import ModelSpec, load_model
+
+    model_name, csv = setup
+    model = load_model(ModelSpec(model_name, "cpu", "float32"))
+    data = tokenize(PromptPairs.from_csv(csv), model.tokenizer, model.cfg.n_ctx)
+    return model, data
 
 
 def attached_hooks(model) -> int:

@@ -2,7 +2,8 @@
 against eapcore's own evaluation, errors, downloads, import, and concurrent sessions on the shared model.
 
 Runs on the shipped demo model and the first pairs of the IOI task when they exist, else on a tiny
-random GPT-2 and eight toy pairs (the assertions are the same).
+random GPT-2 and eight toy pairs (the assertions are the same; the ``setup`` and ``engine`` fixtures
+in conftest.py).
 """
 
 from __future__ import annotations
@@ -20,64 +21,28 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from eapcore.attribute import METHODS, AttributionSpec, attribute
-from eapcore.data import PromptPairs, tokenize
+from eapcore.data import PromptPairs
 from eapcore.curve import faithfulness_curve
 from eapcore.evaluate import CircuitEvaluator
-from eapcore.models import DEMO_MODEL_DIR, ModelSpec, load_model, model_graph
+from eapcore.models import ModelSpec, model_graph
 from eapcore.select import top_n
 from eapcore.tasks import TASKS
 
-from conftest import TOY, errors, metric_value, new_app, run_attribution
+from conftest import demo_available, errors, metric_value, new_app, run_attribution
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `ui` lives next to app.py
     sys.path.insert(0, str(ROOT))
-N_PAIRS = 16
-
-
-def demo_available() -> bool:
-    return (DEMO_MODEL_DIR / "config.json").exists() and TASKS["ioi"].csv.exists()
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory):
-    """(model name, CSV path) the app opens with; env vars point the app at them."""
-    tmp = tmp_path_factory.mktemp("app")
-    if demo_available():
-        model = "demo"
-        frame = pd.read_csv(TASKS["ioi"].csv, dtype=str, keep_default_na=False).head(N_PAIRS)
-    else:
-        from conftest import save_tiny_gpt2
-
-        model = str(save_tiny_gpt2(tmp / "tiny"))
-        frame = pd.DataFrame(TOY)
-    csv = tmp / "pairs.csv"
-    frame.to_csv(csv, index=False)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EAPCORE_APP_MODEL", model)
-    mp.setenv("EAPCORE_APP_DATA", str(csv))
-    mp.setenv("EAPCORE_APP_DEVICE", "cpu")
-    yield model, csv
-    mp.undo()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_on_small_machines():
-    """The app uses one torch thread on <= 2 cores (ui.cache.configure_threads); so do the references here."""
+    """The app uses one torch thread on <= 2 cores (eapcore.threads); so do the references here."""
     before = torch.get_num_threads()
     if (os.cpu_count() or 1) <= 2:
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def engine(setup):
-    """The same model and data, loaded by eapcore directly (the independent reference)."""
-    model_name, csv = setup
-    model = load_model(ModelSpec(model_name, "cpu", "float32"))
-    data = tokenize(PromptPairs.from_csv(csv), model.tokenizer, model.cfg.n_ctx)
-    return model, data
 
 
 def iframes(at: AppTest) -> list:
@@ -94,7 +59,7 @@ def test_app_opens_on_the_default_model_and_data(setup, engine) -> None:
     graph = model_graph(model)
     assert metric_value(at, "layers") == str(model.cfg.n_layers)
     assert metric_value(at, "heads") == str(model.cfg.n_heads)
-    assert metric_value(at, "graph nodes") == str(graph.n_nodes)
+    assert metric_value(at, "graph nodes (incl. logits)") == str(graph.n_nodes)
     assert metric_value(at, "graph edges") == f"{graph.n_edges:,}"
     assert len(at.session_state["pairs"]) == len(data)
     assert any("Data ready" in s.value for s in at.success)

@@ -4,7 +4,8 @@ and how to fix it; in the app the session must keep its model, prompt pairs and 
 
 Runs on the tiny random GPT-2 of conftest.py (vocabulary a-l, context 16). Groups: CSV_CASES (prompt-pair
 files, one good one that must parse), SPEC_CASES (attribution settings), a metric returning NaN/inf, top-n
-beyond the graph, FILE_CASES (circuit files). Test ids read ``test_<group>_<surface>[<case>]``.
+beyond the graph, FILE_CASES (circuit files), MODEL_CASES (model names). Test ids read
+``test_<group>_<surface>[<case>]``.
 """
 
 from __future__ import annotations
@@ -114,6 +115,18 @@ FILE_CASES = [  # make(scores, folder) -> the file's bytes; the case id's last w
          r"edge 'input->m0'\['score'\] must be a number, got '0\.5'"),
     Case("pickle payload .pt", lambda s, d: saved(s, d / "c.pt", lambda p: p.update(eapcore={"x": Evil("system", d / "pwned")})),
          r"it contains non-tensor objects and was refused for safety \(it was not unpickled\)"),
+]
+
+
+_NO_FOLDER = r"model folder {!r} does not exist \(looked for '.*'\); check the path, or give 'demo' or a Hugging Face"
+MODEL_CASES = [  # (name, message); the hub is offline in tests (HF_HUB_OFFLINE=1)
+    ("./no_such_folder", _NO_FOLDER.format("./no_such_folder")),
+    ("~/no_such_folder", _NO_FOLDER.format("~/no_such_folder")),
+    ("/no/such/folder", _NO_FOLDER.format("/no/such/folder")),
+    ("models/no/such", _NO_FOLDER.format("models/no/such")),
+    ("someone/no-such-model", r"cannot load model 'someone/no-such-model': there is no folder of that name here and the "
+                              r"Hugging Face hub cannot be reached\. Download it on a connected machine \(`hf download "
+                              r"someone/no-such-model --local-dir DIR`"),
 ]
 
 
@@ -371,3 +384,30 @@ def test_a_good_circuit_file_still_loads_everywhere(scores: Scores, tiny_dir: Pa
         assert torch.equal(load_circuit(tmp_path / name, expected=scores.graph)[0].edges, scores.edges)
         code, _ = cli(capsys, "evaluate", "--model", str(tiny_dir), "--data", str(toy_csv), "--circuit", str(tmp_path / name))
         assert code == 0
+
+
+# ----- model names -----
+
+
+@pytest.mark.parametrize("name, message", MODEL_CASES, ids=[n for n, _ in MODEL_CASES])
+def test_model_name_api(name: str, message: str) -> None:
+    from eapcore.models import resolve_source
+
+    with pytest.raises(OSError, match=message) as caught:
+        resolve_source(name)
+    assert "huggingface-cli" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name, message", MODEL_CASES, ids=[n for n, _ in MODEL_CASES])
+def test_model_name_cli(name: str, message: str, toy_csv: Path, tmp_path: Path, capsys) -> None:
+    cli_error(capsys, message, "attribute", "--model", name, "--data", str(toy_csv), "--out", str(tmp_path / "x.pt"))
+
+
+@pytest.mark.parametrize("name, message", MODEL_CASES, ids=[n for n, _ in MODEL_CASES])
+def test_model_name_app(name: str, message: str, app_env) -> None:
+    at, before = app_with_scores()
+    at.switch_page("pages/model.py").run()
+    at.text_input[0].set_value(name)
+    at.button[0].click().run()
+    assert one_error(at, message).startswith("Could not load the model: ")
+    assert_kept(at, before)

@@ -1,9 +1,10 @@
 """The explorer in a real browser: `streamlit run app.py` on 127.0.0.1 driven by Playwright through
 Debian's headless Chromium (no browser download). Loads the default model, runs the attribution, moves
-the slider with the keyboard, waits for the faithfulness to change and for the pyvis canvas, and saves
-screenshots (to $EAPCORE_SCREENSHOTS or a temporary folder). A second test cancels a long attribution
-with the Cancel button and then runs one to the end; a third checks, without a browser, what that
-interruption leaves behind on the shared model.
+the slider with the keyboard, waits for the faithfulness to change and for the pyvis canvas, downloads
+every export and checks each file, and saves screenshots (to $EAPCORE_SCREENSHOTS or a temporary
+folder). Other tests cancel a long attribution with the Cancel button and then run one to the end; type
+quickly into the pairs editor; check the graph on a phone-sized screen and in the dark theme; and
+check, without a browser, what an interruption leaves behind on the shared model.
 
 With CI=true a missing Chromium or Playwright is a failure, not a skip.
 """
@@ -12,12 +13,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from eapcore.attribute import AttributionSpec, attribute
 from eapcore.data import PromptPairs
 from eapcore.models import DEMO_MODEL_DIR, ModelSpec, model_lock
 from eapcore.tasks import TASKS
+from ui import server as app_server
 
 from conftest import CHROMIUM, TOY, attached_hooks, require
 
@@ -40,7 +38,6 @@ try:
 except ImportError:  # reported by the browser fixture (a failure under CI=true)
     expect = sync_playwright = None
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
@@ -48,55 +45,19 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 180_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"streamlit did not become healthy in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
 def server(tmp_path: Path):
-    """`streamlit run app.py` on a free port of 127.0.0.1; killed at the end."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EAPCORE_APP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    """`streamlit run app.py` on a free port of 127.0.0.1 (the tiny model when the demo is missing); stopped at the end."""
+    env = {}
     if not ((DEMO_MODEL_DIR / "config.json").exists() and TASKS["ioi"].csv.exists()):
         from conftest import save_tiny_gpt2
 
         env["EAPCORE_APP_MODEL"] = str(save_tiny_gpt2(tmp_path / "tiny"))
         pd.DataFrame(TOY).to_csv(tmp_path / "toy.csv", index=False)
         env["EAPCORE_APP_DATA"] = str(tmp_path / "toy.csv")
-    port = _free_port()
     log = tmp_path / "streamlit.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, log)
+    with app_server.running(env, log) as url:
         yield url, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 @pytest.fixture
@@ -121,29 +82,49 @@ class Browser:
 
 
 @pytest.fixture
-def browser(server):
+def chromium(server):
+    """Opens pages on the app's server: ``open(width, height, scheme)`` -> :class:`Browser`, with the default
+    model and task loaded (``scheme`` is the browser's colour scheme, which the app's theme follows)."""
     require(Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM}")
     require(sync_playwright is not None, "the playwright package is not installed")
     expect.set_options(timeout=TIMEOUT_MS)
     url, log = server
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = chromium.new_page(viewport={"width": 1440, "height": 1000})
+
+        def open_page(width: int = 1440, height: int = 1000, scheme: str = "light") -> Browser:
+            context = chromium.new_context(viewport={"width": width, "height": height}, color_scheme=scheme,
+                                           accept_downloads=True)
+            page = context.new_page()
             page.set_default_timeout(TIMEOUT_MS)
             b = Browser(page, url, log)
             page.on("request", lambda r: b.outside.append(r.url) if not r.url.startswith(("http://127.0.0.1", "data:", "blob:", "about:")) else None)
             page.goto(url)
             expect(page.get_by_text("graph edges")).to_be_visible()  # the default model loaded
             expect(page.get_by_text("Data ready")).to_be_visible()  # and the default task
-            yield b
+            return b
+
+        try:
+            yield open_page
         finally:
             chromium.close()
 
 
+@pytest.fixture
+def browser(chromium):
+    return chromium()
+
+
 def test_browser_flow(browser: Browser, shots: Path) -> None:
+    import urllib.request
+
+    from ui.widgets import FAVICON
+
     page = browser.page
     page.screenshot(path=shots / "1_model.png")
+    icon = page.evaluate("document.querySelector('link[rel*=icon]').href")  # the asset, served as is
+    with urllib.request.urlopen(icon) as r:
+        assert r.read() == FAVICON.read_bytes() and len(FAVICON.read_bytes()) < 1024
 
     page.get_by_role("link", name="Data").first.click()
     expect(page.get_by_text("Token preview")).to_be_visible()
@@ -184,12 +165,55 @@ def test_browser_flow(browser: Browser, shots: Path) -> None:
     page.wait_for_timeout(500)  # let the iframe draw before the picture (the test waited on selectors)
     page.screenshot(path=shots / "4_explore_slider.png")
 
+    shown = faith.inner_text().strip()
     page.get_by_role("link", name="Export").first.click()
     expect(page.get_by_role("button", name=".pt (EAP-IG)")).to_be_visible()
     page.screenshot(path=shots / "5_export.png")
+    check_downloads(page, shots, shown)
     print(f"\nscreenshots in {shots}; Run attribution -> graph canvas {to_graph:.2f} s; "
           f"slider End -> faithfulness {to_faith:.2f} s")
     browser.assert_clean()
+
+
+def download(page: Any, label: str, folder: Path) -> Path:
+    """Click a download button and save what the browser receives (a button whose data fails gives none)."""
+    with page.expect_download(timeout=60_000) as started:
+        page.get_by_role("button", name=label).click()
+    target = folder / started.value.suggested_filename
+    started.value.save_as(target)
+    assert started.value.failure() is None, (label, started.value.failure())
+    return target
+
+
+def check_downloads(page: Any, folder: Path, faithfulness: str) -> None:
+    """Every export button gives a file that is what it says: .pt loads weights-only and through
+    eapcore.export, .json parses and loads, the PNGs are PNGs titled with their provenance, and all of
+    them hold the circuit the page names (its edges and the faithfulness Explore showed)."""
+    import json
+
+    from PIL import Image
+
+    from eapcore.export import load_circuit
+
+    caption = page.get_by_text(re.compile(r"→ [\d,]+ edges and \d+ nodes after pruning")).inner_text()
+    edges, nodes = (int(x.replace(",", "")) for x in re.search(r"→ ([\d,]+) edges and (\d+) nodes", caption).groups())
+    assert f"faithfulness {faithfulness}" in caption
+    files = {label: download(page, label, folder) for label in (".pt (EAP-IG)", ".json (EAP-IG)", "Circuit PNG", "Curve PNG")}
+    raw = torch.load(files[".pt (EAP-IG)"], weights_only=True)
+    assert int(raw["edges_in_graph"].sum()) == edges and raw["eapcore"]["evaluation"]["faithfulness"] == pytest.approx(
+        float(faithfulness), abs=1e-4)
+    doc = json.loads(files[".json (EAP-IG)"].read_text())
+    assert sum(e["in_graph"] for e in doc["edges"].values()) == edges
+    for label in (".pt (EAP-IG)", ".json (EAP-IG)"):
+        scores, circuit = load_circuit(files[label])
+        assert (circuit.n_edges, circuit.n_nodes) == (edges, nodes) and scores.provenance["model"] == raw["eapcore"]["model"]
+    for label in ("Circuit PNG", "Curve PNG"):
+        blob = files[label].read_bytes()
+        assert blob.startswith(b"\x89PNG\r\n\x1a\n") and len(blob) > 1000
+        image = Image.open(files[label])
+        image.load()
+        title = image.text["Title"]
+        assert title.startswith(str(raw["eapcore"]["model"]) + " · ") and f"faithfulness {faithfulness}" in title, title
 
 
 def set_number(page: Any, label: str, value: int) -> None:
@@ -279,3 +303,96 @@ def test_an_interrupted_attribution_leaves_the_shared_model_clean(tiny_dir: Path
     scores, _, timing = cache.run_attribution(spec, pairs, run)
     assert not timing.cached
     assert torch.equal(scores.edges, attribute(model, cache.get_data(spec, pairs), run).edges.cpu())
+
+
+def test_typed_pairs_keep_every_quick_edit(browser: Browser, shots: Path) -> None:
+    """Type into eight cells of the pairs editor in quick succession (a fast typist: 30 ms per key, the
+    next cell a tenth of a second later): every edit arrives when the pairs are used, and all four
+    columns are on screen at the default width. The editor sits in a form, so no rerun happens while
+    typing. Two limits of Streamlit's grid remain, both faster than a person: it drops an edit whose
+    Enter or Tab follows the last key within a few milliseconds (glide-data-grid's overlay editor), and
+    it sends edits to the server 150 ms after the last one (a debounce), so a click on the button within
+    150 ms of the last Enter would submit the table without that edit."""
+    page = browser.page
+    page.get_by_role("link", name="Data").first.click()
+    page.get_by_text("Type pairs").click()
+    grid = page.get_by_test_id("stDataFrame")
+    expect(grid).to_be_visible()
+    page.wait_for_timeout(500)
+    box = grid.bounding_box()
+    assert box["x"] + box["width"] <= page.viewport_size["width"]
+    assert grid.locator("th").all_inner_texts() == ["clean", "corrupted", "correct", "incorrect"]
+    scroll = grid.evaluate("g => [...g.querySelectorAll('.dvn-scroller')].map(s => [s.scrollWidth, s.clientWidth])")
+    assert scroll and all(full <= shown + 1 for full, shown in scroll), scroll  # no column off to the side
+    page.screenshot(path=shots / "8_typed_pairs.png")
+    previews = page.get_by_text(re.compile(r"^correct .* · incorrect "))
+    before = [previews.nth(i).inner_text() for i in range(4)]
+    swapped = []
+    for text in before:  # swap each pair's answers: valid tokens for any model the data was written for
+        correct, incorrect = re.match(r"^correct (.*) · incorrect (.*)$", text).groups()
+        swapped.append((incorrect, correct))
+    page.mouse.click(box["x"] + 60, box["y"] + 35 + 17)  # row 1, first column
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")  # row 1, correct
+    for correct, incorrect in swapped:
+        page.keyboard.type(correct, delay=30)
+        page.wait_for_timeout(40)
+        page.keyboard.press("Tab")
+        page.wait_for_timeout(100)
+        page.keyboard.type(incorrect, delay=30)
+        page.wait_for_timeout(40)
+        page.keyboard.press("Enter")  # commits, and moves down a row
+        page.wait_for_timeout(100)
+        page.keyboard.press("ArrowLeft")  # back to the correct column
+    page.wait_for_timeout(300)  # past the grid's 150 ms debounce (a person moving to the button takes longer)
+    page.get_by_role("button", name="Use these pairs").click()
+    expect(page.get_by_text(re.compile(r"^Data: typed pairs \(\d+ pairs\)"))).to_be_visible()
+    after = [previews.nth(i).inner_text() for i in range(4)]
+    assert after == [f"correct {c} · incorrect {i}" for c, i in swapped], (before, after)
+    browser.assert_clean()
+
+
+def graph_geometry(page: Any) -> dict:
+    """From inside the graph's iframe: the canvas size, the view's scale and each node's place on screen."""
+    frame = page.frame_locator('iframe[title="circuit graph"]')
+    frame.locator("canvas").first.wait_for(state="visible")
+    handle = page.locator('iframe[title="circuit graph"]').element_handle().content_frame()
+    return handle.evaluate("""() => {
+        const box = document.getElementById('mynetwork');
+        const at = Object.entries(network.getPositions()).map(([id, p]) => [id, network.canvasToDOM(p)]);
+        return {width: box.clientWidth, height: box.clientHeight, scale: network.getScale(), nodes: at,
+                colours: edges.get().map(e => e.color)};
+    }""")
+
+
+@pytest.mark.parametrize("width, scheme", [(390, "light"), (1440, "dark")], ids=["phone", "dark"])
+def test_graph_fits_a_phone_and_follows_a_dark_theme(chromium, shots: Path, width: int, scheme: str) -> None:
+    """On a 390-px-wide phone every node of the graph is on screen with labels of at least 10 px; in a
+    browser that prefers dark, the app is dark and the graph draws its edges in the dark theme's colours."""
+    from ui.layout import EDGE_COLOURS
+
+    browser = chromium(width, 1000, scheme)
+    page = browser.page
+    if width < 640:  # a phone: the sidebar opens over the page, and is closed again after choosing
+        page.get_by_test_id("stExpandSidebarButton").click()
+    page.get_by_role("link", name="Attribute").first.click()
+    expect(page.get_by_role("button", name="Run attribution")).to_be_visible()
+    if width < 640:
+        page.get_by_test_id("stSidebarCollapseButton").click()
+    page.get_by_role("button", name="Run attribution").click()
+    expect(page.get_by_text("CPR (area under f)").first).to_be_visible()
+    page.get_by_role("spinbutton", name="Exact count", exact=True).fill("30")  # a rerun: the theme is known by now
+    page.get_by_role("spinbutton", name="Exact count", exact=True).press("Enter")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Faithfulness").first).to_be_visible()
+    page.wait_for_timeout(1500)
+    geometry = graph_geometry(page)
+    page.locator('iframe[title="circuit graph"]').scroll_into_view_if_needed()
+    page.screenshot(path=shots / f"9_graph_{scheme}_{width}.png")
+    assert geometry["width"] <= width and 18 * geometry["scale"] >= 10, geometry["scale"]
+    for name, p in geometry["nodes"]:
+        assert 0 <= p["x"] <= geometry["width"] and 0 <= p["y"] <= geometry["height"], (name, p, geometry["width"])
+    background = page.evaluate("getComputedStyle(document.querySelector('[data-testid=stApp]')).backgroundColor")
+    dark = sum(map(int, re.findall(r"\d+", background)[:3])) < 3 * 96
+    assert dark == (scheme == "dark"), background
+    assert set(geometry["colours"]) <= set(EDGE_COLOURS[scheme].values()), geometry["colours"]
+    browser.assert_clean()

@@ -1,4 +1,5 @@
-"""eapcore.render: offline pyvis page, static PNGs, plotly figures, layout, grids and token diffs."""
+"""The pictures (ui.layout, ui.graph_html, ui.figures: offline pyvis page, static PNGs, plotly figures,
+layout, token chips) and the engine helpers they use (eapcore.sizes grids, eapcore.tokens diffs)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import re
 import pytest
 import torch
 
-from eapcore import render
+from eapcore import sizes, tokens
 from eapcore.circuit import Circuit, Scores
 from eapcore.curve import Curve
 from eapcore.graph import Graph, GraphConfig
 from eapcore.select import top_n
+from ui import figures, graph_html, layout
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,7 +36,7 @@ def circuit(scores: Scores) -> Circuit:
 
 
 def test_layout_puts_input_at_the_bottom_and_logits_at_the_top(graph: Graph) -> None:
-    pos = render.node_positions(graph)
+    pos = layout.node_positions(graph)
     assert set(pos) == set(graph.node_names)
     level = {n: p[1] for n, p in pos.items()}
     assert level["input"] == min(level.values()) and level["logits"] == max(level.values())
@@ -47,58 +49,58 @@ def test_layout_puts_input_at_the_bottom_and_logits_at_the_top(graph: Graph) -> 
 
 def test_parallel_layout_keeps_heads_and_mlp_of_a_layer_on_one_row() -> None:
     g = Graph(GraphConfig(n_layers=2, n_heads=2, parallel_attn_mlp=True))
-    pos = render.node_positions(g)
+    pos = layout.node_positions(g)
     assert pos["a1.h0"][1] == pos["m1"][1] and pos["m1"][0] > pos["a1.h1"][0]
     assert len({pos[n] for n in g.node_names}) == g.n_nodes
 
 
 def test_edge_kinds_and_circuit_edges(scores: Scores, circuit: Circuit) -> None:
-    assert [render.edge_kind(n) for n in ("a1.h0<q>", "a1.h0<k>", "a0.h2<v>", "m1", "logits")] == ["q", "k", "v", "other", "other"]
-    edges = render.circuit_edges(scores, circuit)
+    assert [layout.edge_kind(n) for n in ("a1.h0<q>", "a1.h0<k>", "a0.h2<v>", "m1", "logits")] == ["q", "k", "v", "other", "other"]
+    edges = layout.circuit_edges(scores, circuit)
     assert len(edges) == circuit.n_edges
     mags = [abs(e.score) for e in edges]
     assert mags == sorted(mags, reverse=True)
     for e in edges:
         row, col = scores.graph.parse_edge_name(e.name)
         assert circuit.edges[row, col] and e.score == pytest.approx(float(scores.edges[row, col]))
-    assert len(render.circuit_edges(scores, circuit, max_edges=5)) == min(5, circuit.n_edges)
+    assert len(layout.circuit_edges(scores, circuit, max_edges=5)) == min(5, circuit.n_edges)
 
 
 def test_pyvis_html_is_offline_and_has_the_circuit(scores: Scores, circuit: Circuit) -> None:
-    page = render.pyvis_html(scores, circuit)
+    page = graph_html.pyvis_html(scores, circuit)
     remote = re.findall(r"""(?:src|href)\s*=\s*["']\s*(?:https?:)?//[^"']*""", page, flags=re.I)
     assert remote == [], remote
     assert "bootstrap" not in page.lower()
     assert "new vis.Network" in page and "vis-network" in page.lower()  # library inlined
-    for e in render.circuit_edges(scores, circuit):
+    for e in layout.circuit_edges(scores, circuit):
         assert f'"{e.src}"' in page and f"score {e.score:+.4g}" in page  # nodes and hover titles
-    assert f'"color": "{render.NODE_COLOURS["logits"]}"' in page
+    assert f'"color": "{layout.NODE_COLOURS["logits"]}"' in page
     assert '"dashes": true' in page and '"dashes": false' in page  # both signs present
 
 
 def test_pyvis_html_of_an_empty_circuit_still_renders(scores: Scores, graph: Graph) -> None:
-    page = render.pyvis_html(scores, Circuit.empty(graph))
+    page = graph_html.pyvis_html(scores, Circuit.empty(graph))
     assert '"input"' in page and '"logits"' in page
 
 
 def test_strip_remote_resources() -> None:
     page = ('<head><link href="https://cdn.x/b.css" rel="stylesheet" />\n<script src="https://cdn.x/b.js" '
             'integrity="x"></script><script>var a = "https://keep.me";</script><!-- <script src="../x.js"> --></head>')
-    out = render.strip_remote_resources(page)
+    out = graph_html.strip_remote_resources(page)
     assert "cdn.x" not in out and "../x.js" not in out and 'var a = "https://keep.me"' in out
 
 
 def test_circuit_png_renders_without_a_browser(scores: Scores, circuit: Circuit) -> None:
-    png = render.circuit_png(scores, circuit)
+    png = figures.circuit_png(scores, circuit)
     assert png.startswith(PNG_MAGIC) and len(png) > 5_000
-    assert render.circuit_png(scores, Circuit.empty(scores.graph)).startswith(PNG_MAGIC)
+    assert figures.circuit_png(scores, Circuit.empty(scores.graph)).startswith(PNG_MAGIC)
 
 
 def test_curve_png_and_figure() -> None:
     curve = Curve((0.1, 1.0, 10.0, 100.0), (1, 2, 20, 200), (0.1, 0.4, 0.9, 1.0))
     fine = Curve((0.1, 0.5, 5.0, 50.0, 100.0), (1, 1, 10, 100, 200), (0.1, 0.3, 0.8, 0.95, 1.0))
-    assert render.curve_png(curve, fine, (3.0, 0.7)).startswith(PNG_MAGIC)
-    fig = render.curve_figure(curve, fine, (3.0, 0.7))
+    assert figures.curve_png(curve, fine, (3.0, 0.7)).startswith(PNG_MAGIC)
+    fig = figures.curve_figure(curve, fine, (3.0, 0.7))
     names = [t.name for t in fig.data]
     assert names == ["finer grid", "MIB sizes", "current circuit"]
     assert fig.layout.xaxis.type == "log" and f"CPR {curve.cpr:.3f}" in fig.layout.title.text
@@ -106,7 +108,7 @@ def test_curve_png_and_figure() -> None:
 
 
 def test_heatmap_is_sources_by_destinations(scores: Scores, graph: Graph) -> None:
-    fig = render.heatmap_figure(scores)
+    fig = figures.heatmap_figure(scores)
     z = torch.tensor(fig.data[0].z, dtype=torch.float64)
     assert z.shape == (graph.n_forward, graph.n_backward)
     assert list(fig.data[0].y) == graph.src_nodes and list(fig.data[0].x) == graph.dst_nodes
@@ -116,7 +118,7 @@ def test_heatmap_is_sources_by_destinations(scores: Scores, graph: Graph) -> Non
 
 @pytest.mark.parametrize("n_max", [0, 5, 300, 301, 32_491, 231_877])
 def test_log_grid(n_max: int) -> None:
-    grid = render.log_grid(n_max)
+    grid = sizes.log_grid(n_max)
     assert grid[0] == 0 and grid[-1] == n_max and grid == sorted(set(grid))
     if n_max <= 300:
         assert grid == list(range(n_max + 1))
@@ -127,11 +129,92 @@ def test_log_grid(n_max: int) -> None:
 
 
 def test_token_diff_marks_differing_tokens(tiny32) -> None:
-    rows = render.token_diff(tiny32.tokenizer, "a b c d", "e b c x")
+    rows = tokens.token_diff(tiny32.tokenizer, "a b c d", "e b c x")
     assert [d for _, _, d in rows] == [True, False, False, True]
     assert rows[0][:2] == ("a", "e")
-    html = render.token_diff_html(rows)
+    html = figures.token_diff_html(rows)
     assert html.count("#fde68a") == 2 and html.count("#fecaca") == 2
-    mismatch = render.token_diff(tiny32.tokenizer, "a b c", "a b")
+    mismatch = tokens.token_diff(tiny32.tokenizer, "a b c", "a b")
     assert mismatch[-1] == ("c", "", True)
-    assert "<script>" not in render.token_diff_html([("<script>", "x", True)])
+    assert "<script>" not in figures.token_diff_html([("<script>", "x", True)])
+
+
+# ----- what the pictures say: full tick labels, readable fonts, titles, node views, both themes -----
+
+
+def png_text(png: bytes) -> dict[str, str]:
+    """The PNG's text chunks (title and description), read by Pillow."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    return dict(image.text)
+
+
+def test_curve_axis_labels_every_tick_in_full() -> None:
+    """The log axis of percentages names each tick (0.1%, 0.2%, ... 100%), not plotly's minor digits."""
+    curve = Curve((0.1, 1.0, 10.0, 100.0), (1, 2, 20, 200), (0.1, 0.4, 0.9, 1.0))
+    axis = figures.curve_figure(curve).layout.xaxis
+    assert list(axis.tickvals) == [0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]
+    assert list(axis.ticktext) == ["0.1%", "0.2%", "0.5%", "1%", "2%", "5%", "10%", "20%", "50%", "100%"]
+
+
+def test_node_curves_count_whole_nodes() -> None:
+    """At node level the x axis is the number of nodes (linear), and the marker sits on its node count."""
+    curve = Curve((0.1, 5.0, 50.0, 100.0), (1, 1, 10, 21), (0.1, 0.1, 0.8, 1.0))
+    fig = figures.curve_figure(curve, None, (100 * 4 / 21, 0.5), "nodes", 21)
+    assert fig.layout.xaxis.type != "log" and "of 21 scored nodes" in fig.layout.xaxis.title.text
+    assert list(fig.data[0].x) == [1, 1, 10, 21]
+    assert list(fig.data[1].x) == pytest.approx([4.0])
+
+
+def test_heatmap_labels_are_readable(scores: Scores) -> None:
+    layout = figures.heatmap_figure(scores).layout
+    assert layout.xaxis.tickfont.size >= 12 and layout.yaxis.tickfont.size >= 12
+
+
+def test_node_bars_show_every_scored_node(graph: Graph) -> None:
+    nodes = torch.arange(graph.n_forward, dtype=torch.float32) - 3
+    nodes[2] = float("nan")  # unscored: left out
+    fig = figures.node_bars_figure(Scores(graph, torch.zeros(graph.n_forward, graph.n_backward), nodes))
+    kept = [i for i in range(graph.n_forward) if i != 2]
+    assert list(fig.data[0].x) == [graph.src_nodes[i] for i in kept]
+    assert list(fig.data[0].y) == [float(nodes[i]) for i in kept]
+
+
+def test_neuron_table_lists_each_nodes_strongest_dimensions(graph: Graph) -> None:
+    gen = torch.Generator().manual_seed(1)
+    neurons = torch.randn(graph.n_forward, graph.cfg.d_model, generator=gen)
+    scores = Scores(graph, torch.zeros(graph.n_forward, graph.n_backward), neurons.sum(1), neurons)
+    table = figures.neuron_table(scores, k=3)
+    assert list(table["node"]) == graph.src_nodes
+    for i, cell in enumerate(table["top 3 dimensions (by |score|)"]):
+        by_hand = sorted(range(graph.cfg.d_model), key=lambda d: -abs(float(neurons[i, d])))[:3]
+        assert [int(part.split()[0][1:]) for part in cell.split(" · ")] == by_hand
+        assert table["node score"][i] == pytest.approx(float(neurons[i].sum()), abs=1e-5)
+
+
+def test_pngs_carry_their_title(scores: Scores, circuit: Circuit) -> None:
+    title = "demo · EAP-IG-inputs (5 steps), logit_diff · task: ioi (256 pairs) · 22 edges · faithfulness 0.7210"
+    assert png_text(figures.circuit_png(scores, circuit, title=title))["Title"] == title
+    curve = Curve((0.1, 1.0, 10.0, 100.0), (1, 2, 20, 200), (0.1, 0.4, 0.9, 1.0))
+    text = png_text(figures.curve_png(curve, None, (1.0, 0.4), title=title))
+    assert text["Title"] == title and f"CPR {curve.cpr:.3f}" in text["Description"]
+
+
+def test_graph_colours_follow_the_theme(scores: Scores, circuit: Circuit) -> None:
+    """Light and dark pages draw the same edges in their theme's colours, on a transparent background."""
+    for theme in layout.THEMES:
+        page = graph_html.pyvis_html(scores, circuit, theme=theme)
+        expected = {layout.edge_colour(e, theme) for e in layout.circuit_edges(scores, circuit)}
+        assert all(f'"color": "{c}"' in page for c in expected), theme
+        assert "background-color: transparent" in page
+    assert layout.EDGE_COLOURS["light"] != layout.EDGE_COLOURS["dark"]
+
+
+def test_token_chips_set_their_own_text_colour() -> None:
+    """Chips have light backgrounds, so they name a dark text colour (the dark theme's text is light)."""
+    chips = figures.token_diff_html([("a", "b", True), ("c", "c", False)])
+    assert chips.count("color:#111827") == 4

@@ -12,7 +12,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import Any, Callable
 
 import streamlit as st
@@ -20,36 +20,25 @@ import streamlit as st
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import PromptPairs, TokenizedPairs
-from eapcore.curve import MIB_PERCENTS, Curve, fine_percents, size_for_percent
-from eapcore.evaluate import CircuitEvaluator, normalized
+from eapcore.curve import MIB_PERCENTS, Curve
+from eapcore.evaluate import CircuitEvaluator
+from eapcore.gap import faithfulness, no_gap
+from eapcore.memory import parameter_count
+from eapcore.methods import get_method
 from eapcore.models import ModelSpec, load_model, model_graph
+from eapcore.select import top
+from eapcore.sizes import fine_grid, sizes_for_percents
+from eapcore.tokens import UnknownWord, unknown_words
 from eapcore.vocabulary import tokenize_for
 
 EVAL_BATCH = 128
-ENV_THREADS = "EAPCORE_TORCH_THREADS"
-
-
-def configure_threads() -> int:
-    """Set torch's intra-op threads for the app: ``$EAPCORE_TORCH_THREADS`` if set, else 1 on machines
-    with two or fewer cores (the model's tensors are small, and two spinning threads on a busy 2-core
-    machine made the demo's attribution ~20x slower than one thread), else torch's default."""
-    import os
-
-    import torch
-
-    wanted = os.environ.get(ENV_THREADS)
-    if wanted:
-        torch.set_num_threads(max(1, int(wanted)))
-    elif (os.cpu_count() or 1) <= 2:
-        torch.set_num_threads(1)
-    return torch.get_num_threads()
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
 def get_model(spec: ModelSpec) -> Any:
     """The shared, frozen TransformerBridge for ``spec`` (loaded once per process). Everything alive after
     the load (libraries, the model) is moved out of the garbage collector's way: a full collection of
-    that heap otherwise pauses a slider move now and then by ~0.6 s (bench_explorer.py)."""
+    that heap would otherwise pause a slider move now and then (benchmarks/README.md, Explorer)."""
     import gc
 
     model = load_model(spec)
@@ -70,6 +59,16 @@ def get_data(spec: ModelSpec, pairs: PromptPairs) -> TokenizedPairs:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
+def _unknown(spec: ModelSpec, fingerprint: str, _pairs: PromptPairs) -> list[UnknownWord]:
+    return unknown_words(get_model(spec).tokenizer, _pairs)
+
+
+def get_unknown_words(spec: ModelSpec, pairs: PromptPairs) -> list[UnknownWord]:
+    """Words of the prompts that the model's tokenizer turns into its unknown token (at most 20)."""
+    return _unknown(spec, pairs.fingerprint(), pairs)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
 def _evaluator(
     spec: ModelSpec, fingerprint: str, metric: str, intervention: str, batch_size: int, _pairs: PromptPairs
 ) -> CircuitEvaluator:
@@ -86,33 +85,6 @@ def get_evaluator(
 
 def intervention_of(scores: Scores) -> str:
     return str(scores.provenance.get("intervention", "patching"))
-
-
-def unit_of(scores: Scores) -> str:
-    """``edges`` for edge-level scores, ``nodes`` for node- or neuron-level ones (circuits chosen by node)."""
-    level = scores.provenance.get("level", "edge")
-    return "nodes" if level in ("node", "neuron") and scores.nodes is not None else "edges"
-
-
-def unit_count(scores: Scores) -> int:
-    if unit_of(scores) == "nodes":
-        return int((~scores.nodes.isnan()).sum())
-    return scores.graph.n_edges
-
-
-def default_size(scores: Scores) -> int:
-    """The circuit size Explore opens with: 5% of the graph, at least 20 (edges or nodes)."""
-    total = unit_count(scores)
-    return min(total, max(round(total * 0.05), 20))
-
-
-def select(scores: Scores, n: int, absolute: bool = True) -> Circuit:
-    """The top-``n`` circuit (pruned): by edge score, or by node score for node-level scores."""
-    from eapcore.select import by_nodes, top_n
-
-    if unit_of(scores) == "nodes":
-        return by_nodes(scores, n, absolute=absolute)
-    return top_n(scores, n, absolute=absolute)
 
 
 class Store:
@@ -153,8 +125,15 @@ def curves() -> Store:
 
 
 def attribution_key(spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpec) -> str:
-    """A stable text key for a run (also the session's ``scores_key``)."""
-    blob = repr((astuple(spec), pairs.fingerprint(), astuple(attr)))
+    """A stable text key for a run (also the session's ``scores_key``). A method that ignores the metric
+    (or the intervention) has the same key for every metric (intervention): changing it runs nothing."""
+    method = get_method(attr.method)
+    fields = asdict(attr)
+    if not method.uses_metric:
+        fields["metric"] = None
+    if not method.uses_intervention:
+        fields["intervention"] = None
+    blob = repr((astuple(spec), pairs.fingerprint(), tuple(fields.values())))
     return "run:" + hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -175,7 +154,6 @@ def run_attribution(
     start = time.perf_counter()
     model = get_model(spec)
     scores = attribute(model, get_data(spec, pairs), attr, progress=progress).cpu()
-    scores = Scores(scores.graph, scores.edges, scores.nodes, scores.neurons, {**scores.provenance, "model": spec.name})
     results().put(key, scores)
     return scores, key, Timing(time.perf_counter() - start, False)
 
@@ -186,54 +164,56 @@ def cached_attribution(spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpe
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One circuit's numbers, as the Explore page shows them."""
+    """One circuit's numbers, as Explore and Export show them; ``faithfulness`` is ``None`` when it is
+    undefined (the clean run and the empty circuit give the same metric: :mod:`eapcore.gap`)."""
 
     requested: int
     circuit: Circuit
     metric: float
-    faithfulness: float
+    faithfulness: float | None
 
 
-def evaluate_top_n(evaluator: CircuitEvaluator, scores: Scores, n: int, absolute: bool = True) -> Evaluation:
-    """The top-``n`` circuit (pruned), its mean metric and faithfulness: one real evaluation pass."""
-    return evaluate_circuit(evaluator, select(scores, n, absolute), n)
-
-
-def _evaluator_key(evaluator: CircuitEvaluator) -> tuple:
-    return (evaluator.data.fingerprint, evaluator.metric.name, evaluator.intervention_kind, evaluator.batch_size)
+def undefined(evaluator: CircuitEvaluator) -> bool:
+    """Whether faithfulness is undefined on the evaluator's data (no gap between clean and empty)."""
+    return no_gap(evaluator.baseline().clean, evaluator.empty_metric())
 
 
 def evaluate_circuit(evaluator: CircuitEvaluator, circuit: Circuit, requested: int | None = None) -> Evaluation:
+    """``circuit``'s mean metric and faithfulness: one real evaluation pass."""
     value = evaluator.evaluate(circuit).mean().item()
-    faith = normalized(value, evaluator.baseline().clean, evaluator.empty_metric())
+    faith = faithfulness(value, evaluator.baseline().clean, evaluator.empty_metric())
     return Evaluation(circuit.n_edges if requested is None else requested, circuit, value, faith)
 
 
-def curve_sizes(scores: Scores, percents: tuple[float, ...]) -> list[int]:
-    """Circuit sizes (edges, or nodes for node-level scores) for percentages of the graph, as MIB counts them."""
-    return [size_for_percent(unit_count(scores), p) for p in percents]
+def evaluate_top(evaluator: CircuitEvaluator, scores: Scores, n: int, absolute: bool = True) -> Evaluation:
+    """The top-``n`` circuit at the scores' level (pruned), evaluated."""
+    return evaluate_circuit(evaluator, top(scores, n, absolute), n)
+
+
+def evaluator_key(evaluator: CircuitEvaluator) -> tuple:
+    return (evaluator.data.fingerprint, evaluator.metric.name, evaluator.intervention_kind, evaluator.batch_size)
 
 
 def get_curves(
     evaluator: CircuitEvaluator, scores: Scores, scores_key: str, absolute: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Curve, Curve]:
-    """(MIB curve, finer-grid curve) for these scores on the evaluator's data. Each circuit size is
-    evaluated once and kept (shared by all sessions); ``progress(done, total)`` runs between sizes, so
-    a Streamlit rerun can interrupt the computation without losing the sizes already done."""
-    key = (scores_key, *_evaluator_key(evaluator), absolute)
+    """(MIB curve, finer-grid curve) for these scores on the evaluator's data (faithfulness must be
+    defined: see :func:`undefined`). Each circuit size is evaluated once and kept (shared by all
+    sessions); ``progress(done, total)`` runs between sizes, so a Streamlit rerun can interrupt the
+    computation without losing the sizes already done."""
+    key = (scores_key, *evaluator_key(evaluator), absolute)
     done: dict[int, float] | None = curves().get(key)
     if done is None:
         done = {}
         curves().put(key, done)
-    grids = (MIB_PERCENTS, fine_percents())
-    sizes = [curve_sizes(scores, p) for p in grids]
-    todo = sorted({n for row in sizes for n in row} - set(done))
+    grids = [(MIB_PERCENTS, sizes_for_percents(scores, MIB_PERCENTS)), fine_grid(scores)]
+    todo = sorted({n for _, sizes in grids for n in sizes} - set(done))
     for i, n in enumerate(todo):
         if progress is not None:
             progress(i, len(todo))
-        done[n] = evaluate_top_n(evaluator, scores, n, absolute).faithfulness
-    return tuple(Curve(tuple(p), tuple(row), tuple(done[n] for n in row)) for p, row in zip(grids, sizes))
+        done[n] = evaluate_top(evaluator, scores, n, absolute).faithfulness
+    return tuple(Curve(tuple(p), tuple(sizes), tuple(done[n] for n in sizes)) for p, sizes in grids)
 
 
 def model_facts(spec: ModelSpec) -> dict[str, Any]:
@@ -245,7 +225,7 @@ def model_facts(spec: ModelSpec) -> dict[str, Any]:
         "d_model": model.cfg.d_model,
         "context": model.cfg.n_ctx,
         "vocabulary": model.cfg.d_vocab,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameter_count(model),
         "graph nodes": graph.n_nodes,
         "graph edges": graph.n_edges,
         "device": str(next(model.parameters()).device),

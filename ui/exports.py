@@ -1,10 +1,10 @@
-"""Bytes for the download buttons and a safe reader for uploaded circuit files (via ``eapcore.export``)."""
+"""Bytes for the download buttons and a safe reader for uploaded circuit files (via ``eapcore.export``,
+in memory: no temporary files)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,9 @@ def pt_bytes(scores: Scores, circuit: Circuit, provenance: dict[str, Any]) -> by
 
 
 def json_bytes(scores: Scores, circuit: Circuit, provenance: dict[str, Any]) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "circuit.json"
-        save_json(path, scores, circuit, provenance)
-        return path.read_bytes()
+    buf = io.BytesIO()
+    save_json(buf, scores, circuit, provenance)
+    return buf.getvalue()
 
 
 def read_circuit(name: str, data: bytes, expected: Graph | None) -> tuple[Scores, Circuit, str]:
@@ -36,11 +35,5 @@ def read_circuit(name: str, data: bytes, expected: Graph | None) -> tuple[Scores
         raise ValueError(f"{name}: unknown file type {suffix!r}; upload a .pt or .json circuit file")
     if len(data) > MAX_CIRCUIT_BYTES:
         raise ValueError(f"{name} is {len(data) / 1e6:.0f} MB, more than the {MAX_CIRCUIT_BYTES // 2**20} MB limit")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"upload{suffix}"
-        path.write_bytes(data)
-        try:
-            scores, circuit = load_circuit(path, expected=expected)
-        except ValueError as e:
-            raise ValueError(str(e).replace(str(path), name)) from None
+    scores, circuit = load_circuit(io.BytesIO(data), expected=expected, name=name)
     return scores, circuit, "import:" + hashlib.sha256(data).hexdigest()[:20]

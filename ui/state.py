@@ -4,9 +4,12 @@ Widgets never own the canonical values: Streamlit drops a widget's key when its 
 each page copies widget values into the plain keys below (see :func:`widget_value`).
 
 Keys: ``model_spec`` (ModelSpec), ``pairs`` (PromptPairs), ``data_label`` (str), ``metric`` (str),
-``attr_spec`` (AttributionSpec), ``scores`` (Scores or absent), ``scores_key`` (str), ``scores_label``
-(str), ``n_edges`` (int), ``absolute`` (bool), ``imported`` (dict or absent); ``running`` and
-``cancel_requested`` while an attribution runs or was just cancelled (:func:`interruptible`).
+``attr_spec`` (AttributionSpec), ``open_explore`` (bool), ``scores`` (Scores or absent), ``scores_key``
+(str), ``scores_label`` (str), ``n_edges`` (int: edges or nodes), ``absolute`` (bool), ``pinned`` (an
+imported circuit shown as saved), ``explore_result`` (the current circuit's evaluation, see
+``ui.current``), ``imported`` (dict or absent), ``run_requested`` (Explore asks the Attribute page to
+run); ``running`` and ``cancel_requested`` while an attribution runs or was just cancelled
+(:func:`interruptible`).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def init_defaults() -> None:
     if "attr_spec" not in s:
         s.attr_spec = AttributionSpec(metric=s.metric)
     s.setdefault("absolute", True)
+    s.setdefault("open_explore", True)
 
 
 def set_data(pairs: PromptPairs, label: str, metric: str | None = None) -> None:
@@ -85,18 +89,23 @@ def set_data(pairs: PromptPairs, label: str, metric: str | None = None) -> None:
     s.pop("default_data_error", None)
 
 
-def set_scores(scores: Any, key: str, label: str, n_edges: int | None = None) -> None:
-    """Make ``scores`` the ones Explore and Export show; ``n_edges`` presets the slider."""
+def set_scores(scores: Any, key: str, label: str, n_edges: int | None = None, pinned: dict | None = None) -> None:
+    """Make ``scores`` the ones Explore and Export show; ``n_edges`` presets the slider; ``pinned``
+    (``{"circuit", "name"}``) is an imported circuit that Explore shows as saved until the size changes."""
     s = st.session_state
+    level_changed = s.get("scores") is not None and s.scores.provenance.get("level") != scores.provenance.get("level")
     s.scores, s.scores_key, s.scores_label = scores, key, label
+    s.pop("pinned", None)
+    if pinned is not None:
+        s.pinned = {**pinned, "key": key}
     if n_edges is not None:
         s.n_edges = n_edges
-    elif s.get("n_edges") is None or s.n_edges > scores.graph.n_edges:
-        s.n_edges = None  # Explore picks its default
+    elif level_changed or s.get("n_edges") is None or s.n_edges > scores.graph.n_edges:
+        s.n_edges = None  # Explore picks its default (edges and nodes are counted differently)
 
 
 def clear_scores() -> None:
-    for key in ("scores", "scores_key", "scores_label", "n_edges"):
+    for key in ("scores", "scores_key", "scores_label", "n_edges", "pinned", "explore_result"):
         st.session_state.pop(key, None)
 
 

@@ -1,29 +1,49 @@
-"""Small Streamlit renderers shared by the pages: the pyvis embed, the sidebar status, page guards."""
+"""Small Streamlit renderers shared by the pages: the circuit graph, metric rows with their definitions,
+the sidebar status, page guards."""
 
 from __future__ import annotations
 
-import functools
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from eapcore import render
 from eapcore.circuit import Circuit, Scores
+from ui.graph_html import pyvis_html
+from ui.layout import THEMES
 
 GRAPH_HEIGHT = 640
+FAVICON = Path(__file__).resolve().parent.parent / "assets" / "favicon.png"
+
+# What the numbers mean, shown as each metric's help (the "?" next to its label).
+FAITHFULNESS_HELP = (
+    "f(C) = (m(C) − m(∅)) / (m(full) − m(∅)): the circuit's metric m(C), with every edge outside it ablated, "
+    "normalised so that the empty circuit scores 0 and the full model 1. Undefined when m(full) = m(∅) "
+    "(the corruption does not change the metric)."
+)
+CPR_HELP = ("CPR = ∫₀¹ f(k) dk: the area under the faithfulness curve over the fraction k of the graph kept "
+            "(MIB's sizes, trapezoid rule). Higher is better; 1 = the top circuits recover the model at every size.")
+CMD_HELP = ("CMD = ∫₀¹ |1 − f(k)| dk: the area between the faithfulness curve and 1 (MIB's sizes, trapezoid "
+            "rule). Lower is better; 0 = every top circuit behaves exactly like the full model.")
+
+
+def theme() -> str:
+    """``light`` or ``dark``: the theme the user's browser shows (Streamlit follows the user's setting)."""
+    kind = getattr(st.context.theme, "type", None)
+    return kind if kind in THEMES else "light"
 
 
 def show_graph(scores: Scores, circuit: Circuit, height: int = GRAPH_HEIGHT, max_edges: int = 600) -> None:
-    """The circuit as an interactive pyvis graph in an iframe (renders offline: no CDN)."""
+    """The circuit as an interactive pyvis graph in an iframe (renders offline: no CDN), in the theme's colours."""
     note = st.empty()  # always present, so that the elements below keep their places between reruns
     if circuit.n_edges > max_edges:
         note.caption(f"Drawing the {max_edges} edges with the largest |score| of {circuit.n_edges}.")
-    page = render.pyvis_html(scores, circuit, height_px=height, max_edges=max_edges)
+    page = pyvis_html(scores, circuit, height_px=height, max_edges=max_edges, theme=theme())
     st.iframe(page, height=height, alt="circuit graph")
     st.caption(
         "Bottom: `input`; top: `logits`. Nodes: grey input, orange heads, teal MLPs, red logits. "
-        "Edges: blue q, green k, purple v, grey other; dark and solid = positive score, light and dashed = "
-        "negative; width = |score|. Hover an edge for its score; drag to pan, scroll to zoom."
+        "Edges: blue q, green k, purple v, grey other; strong colour and solid = positive score, faint and dashed = "
+        "negative; width = |score|. Hover an edge for its score; drag to pan, scroll or pinch to zoom."
     )
 
 
@@ -54,43 +74,8 @@ def need(*keys: str) -> bool:
     return True
 
 
-def metric_row(values: dict[str, Any]) -> None:
+def metric_row(values: dict[str, Any], helps: dict[str, str] | None = None) -> None:
+    """One ``st.metric`` per item, side by side; ``helps`` gives some of them a definition."""
+    helps = helps or {}
     for col, (label, value) in zip(st.columns(len(values)), values.items()):
-        col.metric(label, value)
-
-
-@functools.cache
-def favicon_png(size: int = 32) -> bytes:
-    """A small node-and-edge favicon drawn in code, so the browser never fetches one from a CDN."""
-    import struct
-    import zlib
-
-    def inside(x: float, y: float, cx: float, cy: float, r: float) -> bool:
-        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
-
-    s = size / 32
-    nodes = [(16 * s, 6 * s, "#ef4444"), (7 * s, 17 * s, "#f59e0b"), (25 * s, 17 * s, "#14b8a6"), (16 * s, 27 * s, "#6b7280")]
-    rows = []
-    for y in range(size):
-        row = bytearray([0])
-        for x in range(size):
-            colour = None
-            for cx, cy, c in nodes:
-                if inside(x + 0.5, y + 0.5, cx, cy, 4.2 * s):
-                    colour = c
-            if colour is None:
-                for (ax, ay, _), (bx, by, _) in ((nodes[3], nodes[1]), (nodes[3], nodes[2]), (nodes[1], nodes[0]), (nodes[2], nodes[0])):
-                    t = max(0.0, min(1.0, ((x - ax) * (bx - ax) + (y - ay) * (by - ay)) / ((bx - ax) ** 2 + (by - ay) ** 2)))
-                    if inside(x + 0.5, y + 0.5, ax + t * (bx - ax), ay + t * (by - ay), 1.3 * s):
-                        colour = "#1d4ed8"
-            if colour is None:
-                row += bytes([0, 0, 0, 0])
-            else:
-                row += bytes(int(colour[i : i + 2], 16) for i in (1, 3, 5)) + b"\xff"
-        rows.append(bytes(row))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b"")
+        col.metric(label, value, help=helps.get(label))

@@ -1,0 +1,254 @@
+"""Pictures of scores and circuits for the pages and the downloads: plotly figures (heatmap of edge
+scores, bars of node scores, the faithfulness curve), static PNGs (matplotlib + networkx: no browser or
+system package) titled and tagged with where they came from, a table of neuron scores and token chips.
+
+Plotly figures take their background and fonts from the app's theme (light or dark); the colours set
+here read on both. PNGs are always drawn on white.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any, Sequence
+
+from eapcore.circuit import Circuit, Scores
+from eapcore.select import EDGES
+from ui.layout import (
+    EDGE_COLOURS, EDGE_KINDS, NODE_COLOURS, circuit_edges, curvature, node_kind, node_positions, nodes_of, top_score, width,
+)
+
+CURVE, FINE, MARKER, GUIDE = "#3b82f6", "#93c5fd", "#ef4444", "#9ca3af"
+PERCENT_TICKS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+
+
+def percent_label(p: float) -> str:
+    return f"{p:g}%"
+
+
+# ----- static PNGs -----
+
+
+def _png(fig: Any, title: str, description: str = "", dpi: int = 130) -> bytes:
+    """The figure as PNG bytes, with ``title`` and ``description`` also stored as PNG text chunks."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight",
+                metadata={"Title": title, "Description": description or title, "Software": "eapcore"})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def circuit_png(scores: Scores, circuit: Circuit, max_edges: int = 600, title: str | None = None) -> bytes:
+    """A PNG of the circuit with the same layout and colours as the interactive graph."""
+    plt = _pyplot()
+    import networkx as nx
+    from matplotlib.lines import Line2D
+
+    edges = circuit_edges(scores, circuit, max_edges)
+    pos = node_positions(scores.graph)
+    names = nodes_of(edges)
+    xy = {n: pos[n] for n in names}
+    g = nx.MultiDiGraph()
+    g.add_nodes_from(names)
+    levels = max(p[1] for p in xy.values()) + 1
+    spread = max(p[0] for p in pos.values()) - min(p[0] for p in pos.values()) + 1
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * spread + 2), max(5.0, 0.9 * levels + 1.5)))
+    top = top_score(edges)
+    groups: dict[tuple[str, int, float], list] = {}
+    for e in edges:
+        groups.setdefault((e.kind, 1 if e.score >= 0 else -1, curvature(e, pos)), []).append(e)
+    for (kind, sign, rad), group in sorted(groups.items(), key=lambda kv: (kv[0][1] == 1, kv[0])):
+        pairs = [(e.src, e.dst) for e in group]
+        g.add_edges_from(pairs)
+        nx.draw_networkx_edges(
+            g, xy, edgelist=pairs, ax=ax, edge_color=EDGE_COLOURS["light"][(kind, sign)],
+            width=[width(e.score, top, 0.6, 5.0) for e in group], style="solid" if sign == 1 else "dashed",
+            arrows=True, arrowsize=9, connectionstyle=f"arc3,rad={rad}", node_size=900, alpha=0.9,
+        )
+    for kind in ("input", "head", "mlp", "logits"):
+        group = [n for n in names if node_kind(n) == kind]
+        nx.draw_networkx_nodes(g, xy, nodelist=group, ax=ax, node_color=NODE_COLOURS[kind], node_size=900,
+                               node_shape="s" if kind in ("input", "logits") else "o", edgecolors="#111827", linewidths=0.6)
+    nx.draw_networkx_labels(g, xy, labels={n: n for n in names}, ax=ax, font_size=7)
+    handles = [Line2D([0], [0], color=EDGE_COLOURS["light"][(k, 1)], lw=2, label=f"{k} (+)") for k in EDGE_KINDS]
+    handles += [Line2D([0], [0], color=EDGE_COLOURS["light"][(k, -1)], lw=2, ls="--", label=f"{k} (-)") for k in EDGE_KINDS]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    title = title or f"circuit: {circuit.n_edges} edges, {circuit.n_nodes} nodes"
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.axis("off")
+    return _png(fig, title)
+
+
+def curve_png(curve: Any, fine: Any | None = None, marker: tuple[float, float] | None = None, unit: str = EDGES,
+              title: str | None = None, total: int | None = None) -> bytes:
+    """A PNG of the faithfulness curve (see :func:`curve_figure` for the arguments)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = _x_of(unit, total)
+    if fine is not None:
+        ax.plot(x(fine), fine.faithfulness, "-", color=FINE, lw=1.5, label="finer grid")
+    ax.plot(x(curve), curve.faithfulness, "o-", color=CURVE, lw=1.8, ms=5, label="MIB sizes")
+    if marker is not None:
+        ax.plot([_marker_x(marker, unit, total)], [marker[1]], "*", color=MARKER, ms=14, label="current circuit")
+    ax.axhline(1.0, color=GUIDE, lw=0.8, ls=":")
+    if unit == EDGES:
+        ax.set_xscale("log")
+        ax.set_xticks(PERCENT_TICKS, [percent_label(p) for p in PERCENT_TICKS])
+        ax.minorticks_off()
+    ax.set_xlabel(_x_title(unit, total))
+    ax.set_ylabel("faithfulness")
+    scores_line = f"CPR {curve.cpr:.3f} (higher is better), CMD {curve.cmd:.3f} (lower is better)"
+    ax.set_title(f"{title}\n{scores_line}" if title else scores_line, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    return _png(fig, title or scores_line, f"{title or ''} {scores_line}".strip())
+
+
+def _x_of(unit: str, total: int | None):
+    """Curves are drawn against the percentage of edges (log axis) or the number of nodes (linear)."""
+    if unit == EDGES:
+        return lambda c: list(c.percents)
+    return lambda c: list(c.n_edges)
+
+
+def _marker_x(marker: tuple[float, float], unit: str, total: int | None) -> float:
+    return marker[0] if unit == EDGES or not total else marker[0] * total / 100
+
+
+def _x_title(unit: str, total: int | None) -> str:
+    if unit == EDGES:
+        return "edges kept (% of the graph's edges, log scale)"
+    return f"nodes kept (of {total} scored nodes)" if total else "nodes kept"
+
+
+# ----- plotly -----
+
+
+def heatmap_figure(scores: Scores) -> Any:
+    """Plotly heatmap of edge scores, sources (rows) x destinations (columns); non-edges blank."""
+    import plotly.graph_objects as go
+
+    graph = scores.graph
+    z = scores.edges.detach().double().cpu().clone()
+    z[~graph.real_edge_mask] = float("nan")
+    top = float(z.nan_to_num(0.0).abs().max()) or 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.tolist(), x=list(graph.dst_nodes), y=list(graph.src_nodes), colorscale="RdBu", zmid=0.0,
+            zmin=-top, zmax=top, hovertemplate="%{y} -> %{x}<br>score %{z:.4g}<extra></extra>",
+            colorbar={"title": {"text": "score"}}, hoverongaps=False,
+        )
+    )
+    fig.update_layout(
+        xaxis={"title": {"text": "destination (input of)", "font": {"size": 14}}, "tickangle": -60, "tickfont": {"size": 12}},
+        yaxis={"title": {"text": "source (output of)", "font": {"size": 14}}, "autorange": "reversed",
+               "tickfont": {"size": 12}},
+        height=max(420, 20 * graph.n_forward + 200), margin={"l": 70, "r": 20, "t": 30, "b": 120},
+    )
+    return fig
+
+
+def node_bars_figure(scores: Scores) -> Any:
+    """Plotly bars of node scores, in graph order (``input``, then per layer its heads and its MLP),
+    coloured by kind; unscored nodes are left out."""
+    import plotly.graph_objects as go
+
+    graph = scores.graph
+    values = scores.nodes.detach().double().cpu().tolist()
+    names = [n for n, v in zip(graph.src_nodes, values) if v == v]
+    kept = [v for v in values if v == v]
+    fig = go.Figure(go.Bar(
+        x=names, y=kept, marker={"color": [NODE_COLOURS[node_kind(n)] for n in names]},
+        hovertemplate="%{x}<br>score %{y:.4g}<extra></extra>",
+    ))
+    fig.update_layout(
+        xaxis={"title": {"text": "node (input, then each layer's heads and MLP)", "font": {"size": 14}},
+               "tickangle": -60, "tickfont": {"size": 12}, "type": "category"},
+        yaxis={"title": {"text": "node score", "font": {"size": 14}}, "tickfont": {"size": 12}, "zeroline": True},
+        height=420, margin={"l": 70, "r": 20, "t": 30, "b": 110}, bargap=0.15,
+    )
+    return fig
+
+
+def neuron_table(scores: Scores, k: int = 5) -> Any:
+    """A table (pandas) of each node's score and its ``k`` dimensions with the largest ``|score|``."""
+    import pandas as pd
+
+    graph = scores.graph
+    neurons = scores.neurons.detach().double().cpu()
+    rows = []
+    for i, name in enumerate(graph.src_nodes):
+        order = neurons[i].abs().argsort(descending=True)[:k].tolist()
+        dims = " · ".join(f"d{d} {neurons[i, d].item():+.3g}" for d in order)
+        rows.append({"node": name, "node score": float(neurons[i].sum()), f"top {k} dimensions (by |score|)": dims})
+    return pd.DataFrame(rows)
+
+
+def curve_figure(curve: Any, fine: Any | None = None, marker: tuple[float, float] | None = None,
+                 unit: str = EDGES, total: int | None = None) -> Any:
+    """Plotly faithfulness curve at the MIB sizes and a finer grid, with the current circuit.
+
+    ``curve`` and ``fine`` are :class:`~eapcore.evaluate.Curve`; ``marker`` is ``(percent, faithfulness)``.
+    Edge curves use a log axis of percentages (labelled in full); node curves use whole node counts
+    (``total`` nodes), since a percentage of a few dozen nodes is always a whole number of them."""
+    import plotly.graph_objects as go
+
+    x = _x_of(unit, total)
+    hover = f"%{{customdata[0]}} {unit} (%{{customdata[1]:.3g}}%)<br>f = %{{y:.4f}}<extra></extra>"
+    fig = go.Figure()
+    if fine is not None:
+        fig.add_trace(go.Scatter(
+            x=x(fine), y=list(fine.faithfulness), mode="lines", name="finer grid", line={"color": FINE},
+            customdata=list(zip(fine.n_edges, fine.percents)), hovertemplate=hover,
+        ))
+    fig.add_trace(go.Scatter(
+        x=x(curve), y=list(curve.faithfulness), mode="lines+markers", name="MIB sizes", line={"color": CURVE},
+        customdata=list(zip(curve.n_edges, curve.percents)), hovertemplate=hover,
+    ))
+    if marker is not None:
+        fig.add_trace(go.Scatter(
+            x=[_marker_x(marker, unit, total)], y=[marker[1]], mode="markers", name="current circuit",
+            marker={"symbol": "star", "size": 16, "color": MARKER},
+            hovertemplate="current circuit<br>f = %{y:.4f}<extra></extra>",
+        ))
+    fig.add_hline(y=1.0, line={"dash": "dot", "color": GUIDE, "width": 1})
+    xaxis: dict[str, Any] = {"title": {"text": _x_title(unit, total)}}
+    if unit == EDGES:
+        xaxis.update(type="log", tickvals=list(PERCENT_TICKS), ticktext=[percent_label(p) for p in PERCENT_TICKS])
+    fig.update_layout(
+        xaxis=xaxis, yaxis={"title": {"text": "faithfulness"}},
+        height=380, margin={"l": 50, "r": 20, "t": 40, "b": 50},
+        title={"text": f"CPR {curve.cpr:.3f} (higher is better) · CMD {curve.cmd:.3f} (lower is better)", "font": {"size": 13}},
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
+# ----- token chips -----
+
+
+def token_diff_html(rows: Sequence[tuple[str, str, bool]], unk: str | None = None) -> str:
+    """Two aligned rows of token chips; differing tokens highlighted, unknown tokens outlined in red.
+    The chips carry their own text colour, so they read on light and dark pages."""
+    def chip(tok: str, differs: bool, side: str) -> str:
+        bg = ("#fde68a" if side == "clean" else "#fecaca") if differs else "#f3f4f6"
+        border = "2px solid #dc2626" if unk is not None and tok.strip() == unk else "1px solid #d1d5db"
+        text = html.escape(tok.replace(" ", "·")) if tok else "∅"
+        return (f'<span style="display:inline-block;margin:1px;padding:0 4px;border-radius:4px;background:{bg};'
+                f'color:#111827;border:{border};font-family:monospace;font-size:0.85em">{text}</span>')
+
+    clean = "".join(chip(a, d, "clean") for a, _, d in rows)
+    corr = "".join(chip(b, d, "corrupted") for _, b, d in rows)
+    label = 'style="display:inline-block;width:5.5em;font-size:0.8em;color:#6b7280"'
+    return f'<div><span {label}>clean</span>{clean}</div><div><span {label}>corrupted</span>{corr}</div>'
