@@ -25,6 +25,7 @@ def test_the_example_imports_from_eapcore_alone() -> None:
     assert imports == ["eapcore"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").exists(), reason="the example runs on the demo model")
 def test_the_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     (tmp_path / "assets").symlink_to(ROOT / "assets")  # its paths are relative to the repository root
