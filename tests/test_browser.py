@@ -223,13 +223,21 @@ def set_number(page: Any, label: str, value: int) -> None:
 
 
 def set_run_size(page: Any, steps: int, batch: int) -> None:
-    """Set IG steps, then the batch size, each time waiting until the page's caption counts the new value
-    (typing into the second box while the first one's rerun is in flight can lose the value)."""
+    """Set IG steps, then the batch size, each time waiting until the page's caption counts the new value.
+    A value typed while an earlier rerun is still in flight can be lost (Streamlit redraws the box with the
+    old value when that rerun ends; on a loaded machine reruns take seconds), so it is typed again then."""
     caption = page.get_by_text(re.compile(r"^\d+ pairs \(.*\) · \d+ passes over batches of \d+"))
     n_pairs, now = map(int, re.search(r"^(\d+) pairs.*batches of (\d+)", caption.inner_text()).groups())
     for label, value, size in (("IG steps", steps, now), ("Batch size", batch, batch)):
-        set_number(page, label, value)
-        expect(caption).to_contain_text(f"· {-(-n_pairs // size) * (2 + steps)} passes over batches of {size}")
+        wanted = f"· {-(-n_pairs // size) * (2 + steps)} passes over batches of {size}"
+        for attempt in range(3):
+            set_number(page, label, value)
+            try:
+                expect(caption).to_contain_text(wanted, timeout=TIMEOUT_MS // 6)
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
 
 
 def run_to_the_end(page: Any, steps: int) -> None:
