@@ -18,6 +18,7 @@ s = st.session_state
 st.title("Explore")
 if not widgets.need("pairs", "scores"):
     st.stop()
+widgets.run_picker()
 
 scores, graph = s.scores, s.scores.graph
 unit, total = unit_of(scores), unit_count(scores)

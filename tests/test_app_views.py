@@ -268,3 +268,29 @@ def test_export_uses_the_circuit_explore_evaluated(engine) -> None:
     assert errors(at) == []
     assert at.session_state["explore_result"]["evaluation"] is shown["evaluation"]  # not evaluated again
     assert any(f"faithfulness {shown['faithfulness']:.4f}" in c.value and "top 7 edges" in c.value for c in at.caption)
+
+
+# ----- every run of the session -----
+
+
+def test_the_session_keeps_every_run_and_explore_shows_the_selected_one(engine) -> None:
+    """A second method adds a run instead of replacing the first; picking the first again makes Explore
+    evaluate its circuits (eapcore's faithfulness for that run's top-n)."""
+    model, data = engine
+    at = new_app()
+    at.switch_page("pages/attribute.py").run()
+    at.selectbox(key="w_method").set_value("EAP")
+    run_attribution(at, switch=False)
+    first = at.session_state["scores_key"]
+    at.switch_page("pages/attribute.py").run()
+    at.selectbox(key="w_method").set_value("EAP-IG-inputs")
+    run_attribution(at, switch=False)
+    runs = at.session_state["runs"]
+    assert len(runs) == 2 and at.session_state["scores_key"] != first
+    assert [r["scores"].provenance["method"] for r in runs.values()] == ["EAP", "EAP-IG-inputs"]
+    at.selectbox(key="w_run").set_value(first).run()
+    assert errors(at) == [] and at.session_state["scores_key"] == first
+    at.number_input(key="w_n_box").set_value(12).run()
+    evaluator = CircuitEvaluator(model, data, "logit_diff", batch_size=128)
+    eap = attribute(model, data, AttributionSpec("EAP", batch_size=32))
+    assert faithfulness(at) == pytest.approx(evaluator.faithfulness(top_n(eap, 12)), abs=2e-4)

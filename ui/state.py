@@ -4,8 +4,9 @@ Widgets never own the canonical values: Streamlit drops a widget's key when its 
 each page copies widget values into the plain keys below (see :func:`widget_value`).
 
 Keys: ``model_spec`` (ModelSpec), ``pairs`` (PromptPairs), ``data_label`` (str), ``metric`` (str),
-``attr_spec`` (AttributionSpec), ``open_explore`` (bool), ``scores`` (Scores or absent), ``scores_key``
-(str), ``scores_label`` (str), ``n_edges`` (int: edges or nodes), ``absolute`` (bool), ``pinned`` (an
+``attr_spec`` (AttributionSpec), ``open_explore`` (bool), ``runs`` (every run of the session: key ->
+``{"label", "scores"}``, in the order they were made), ``scores``/``scores_key``/``scores_label`` (the
+selected run, which Explore and Export show), ``n_edges`` (int: edges or nodes), ``absolute`` (bool), ``pinned`` (an
 imported circuit shown as saved), ``explore_result`` (the current circuit's evaluation, see
 ``ui.current``), ``imported`` (dict or absent), ``run_requested`` (Explore asks the Attribute page to
 run); ``running`` and ``cancel_requested`` while an attribution runs or was just cancelled
@@ -90,9 +91,11 @@ def set_data(pairs: PromptPairs, label: str, metric: str | None = None) -> None:
 
 
 def set_scores(scores: Any, key: str, label: str, n_edges: int | None = None, pinned: dict | None = None) -> None:
-    """Make ``scores`` the ones Explore and Export show; ``n_edges`` presets the slider; ``pinned``
-    (``{"circuit", "name"}``) is an imported circuit that Explore shows as saved until the size changes."""
+    """Add ``scores`` to the session's runs (a run made again keeps its place) and select it: Explore and
+    Export show it. ``n_edges`` presets the slider; ``pinned`` (``{"circuit", "name"}``) is an imported
+    circuit that Explore shows as saved until the size changes."""
     s = st.session_state
+    s.setdefault("runs", {})[key] = {"label": label, "scores": scores}
     level_changed = s.get("scores") is not None and s.scores.provenance.get("level") != scores.provenance.get("level")
     s.scores, s.scores_key, s.scores_label = scores, key, label
     s.pop("pinned", None)
@@ -104,8 +107,27 @@ def set_scores(scores: Any, key: str, label: str, n_edges: int | None = None, pi
         s.n_edges = None  # Explore picks its default (edges and nodes are counted differently)
 
 
+def select_run(key: str) -> None:
+    """Make the session's run ``key`` the one Explore and Export show (the slider keeps its size if the
+    level is the same)."""
+    run = st.session_state.runs[key]
+    set_scores(run["scores"], key, run["label"])
+
+
+def remove_run(key: str) -> None:
+    """Forget the session's run ``key``; if it was selected, the latest remaining run is selected."""
+    s = st.session_state
+    s.get("runs", {}).pop(key, None)
+    if s.get("scores_key") == key:
+        for name in ("scores", "scores_key", "scores_label", "pinned", "explore_result"):
+            s.pop(name, None)
+        if s.runs:
+            select_run(next(reversed(s.runs)))
+
+
 def clear_scores() -> None:
-    for key in ("scores", "scores_key", "scores_label", "n_edges", "pinned", "explore_result"):
+    """Forget every run (e.g. a model with another graph was loaded)."""
+    for key in ("runs", "scores", "scores_key", "scores_label", "n_edges", "pinned", "explore_result"):
         st.session_state.pop(key, None)
 
 

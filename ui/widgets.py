@@ -55,7 +55,25 @@ def sidebar_status() -> None:
     st.caption(f"Model: `{spec.name if spec else '-'}`")
     pairs = s.get("pairs")
     st.caption(f"Data: {s.get('data_label', '-')} ({len(pairs) if pairs is not None else 0} pairs), metric `{s.get('metric', '-')}`")
-    st.caption(f"Scores: {s.get('scores_label', 'none yet')}")
+    runs = s.get("runs", {})
+    more = f" (1 of {len(runs)} runs)" if len(runs) > 1 else ""
+    st.caption(f"Scores: {s.get('scores_label', 'none yet')}{more}")
+
+
+def run_picker(label: str = "Run") -> None:
+    """A select box over the session's runs; picking one selects it (Explore and Export then show it).
+    Draws nothing while the session has at most one run."""
+    from ui import state
+
+    s = st.session_state
+    runs = s.get("runs", {})
+    if len(runs) < 2 or s.get("scores_key") not in runs:
+        return
+    keys = list(runs)
+    s["w_run"] = s.scores_key  # the widget follows the selection made elsewhere (a new run, an import)
+    st.selectbox(label, keys, key="w_run", format_func=lambda k: runs[k]["label"],
+                 on_change=lambda: state.select_run(s.w_run),
+                 help="Every attribution of this session (and imported circuits); pick the one to explore")
 
 
 def need(*keys: str) -> bool:
