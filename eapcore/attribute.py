@@ -73,7 +73,7 @@ class AttributionSpec:
             raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {self.batch_size!r}; try 32")
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise ValueError(f"chunks (--chunks) must be a positive integer, got {self.chunks!r}; 1 keeps the whole Δ buffer")
-        check_backend(method, self.level, self.backend)
+        check_backend(method, self.backend)
 
     def alphas(self) -> list[float]:
         """Where input-interpolation methods take gradients, as the weight of the clean embeddings."""
@@ -104,7 +104,7 @@ def attribute(
     the duration (their ``requires_grad`` is restored after)."""
     metric = get_metric(metric if metric is not None else spec.metric)
     graph = model_graph(model)
-    backend = attribution_backend(spec.method, spec.level, architecture(model), spec.backend, model,
+    backend = attribution_backend(spec.method, architecture(model), spec.backend, model,
                                   int(data.data.lengths.max()))
     for pairs in (data, reference):
         if pairs is not None:
@@ -181,7 +181,11 @@ def _gradient_batch(
     """Per window of source rows (one window, all rows, unless ``spec.chunks`` > 1): the unsplit backend
     (:mod:`eapcore.fastgrad`) records Δ in its own passes; the split one takes Δ = ablated − clean from
     two forward passes, then runs the method's gradient passes (:mod:`eapcore.gradients`)."""
+    activations = get_method(spec.method).runner == "activation-interpolation"
     for window in row_windows(graph, spec.chunks):
+        if backend == "unsplit" and activations:
+            fastgrad.activation_interpolation(model, batch, metric, intervention, window, spec.ig_steps, acc, tick, where)
+            continue
         if backend == "unsplit":
             fastgrad.input_interpolation(model, batch, metric, intervention, window, spec.alphas(), acc, tick, where)
             continue
@@ -193,7 +197,7 @@ def _gradient_batch(
         del clean_logits
         tick()
         delta = Delta(window.start, values)
-        if get_method(spec.method).runner == "activation-interpolation":
+        if activations:
             activation_interpolation(model, batch, metric, delta, clean_readout, spec.ig_steps, acc, tick, where)
         else:
             input_interpolation(model, batch, metric, delta, clean_readout, spec.alphas(), acc, tick, where)

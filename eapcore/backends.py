@@ -3,8 +3,8 @@
 Attribution backends compute the same scores two ways:
 
 - ``unsplit`` (:mod:`eapcore.fastgrad`): gradient passes without per-head copies of the residual stream,
-  the per-head q/k/v input gradients rebuilt through the attention's input norm; edge level, input
-  interpolation methods, families whose norm it rebuilds;
+  the per-head q/k/v input gradients rebuilt through the attention's input norm; every level, input and
+  activation interpolation, families whose norm it rebuilds;
 - ``split`` (:mod:`eapcore.gradients`): every head's q/k/v input its own copy, gradients read there; every
   method that takes gradients, every level, every family.
 
@@ -23,15 +23,14 @@ from __future__ import annotations
 from typing import Any
 
 from eapcore import families, sparse
-from eapcore.methods import LEVELS, Method, get_method
+from eapcore.methods import Method, get_method
 
-# backend -> the levels it scores
-BACKENDS: dict[str, tuple[str, ...]] = {"unsplit": ("edge",), "split": LEVELS}
+BACKENDS = ("unsplit", "split")  # both score every level
 ENGINES = ("sparse", "hooked")
 
 
-def check_backend(method: Method, level: str, requested: str) -> None:
-    """Refuse a backend that no model could run ``method`` at ``level`` on (the model-independent part)."""
+def check_backend(method: Method, requested: str) -> None:
+    """Refuse a backend that no model could run ``method`` on (the model-independent part)."""
     if requested == "auto":
         return
     if requested not in BACKENDS:
@@ -43,26 +42,21 @@ def check_backend(method: Method, level: str, requested: str) -> None:
         only = " only" if len(method.backends) == 1 else ""
         raise ValueError(f"{method.name} runs on the {' or '.join(method.backends)} backend{only}, not {requested!r}; "
                          f"use backend={' or '.join(map(repr, ['auto', *method.backends]))}")
-    if level not in BACKENDS[requested]:
-        others = [b for b in method.backends if level in BACKENDS[b]]
-        raise ValueError(f"the {requested} backend scores {' and '.join(BACKENDS[requested])}s only, not {level}s; "
-                         f"use backend={' or '.join(map(repr, ['auto', *others]))}")
 
 
-def attribution_backend(method: str, level: str, architecture: str, requested: str = "auto",
-                        model: Any = None, n_pos: int = 0) -> str:
-    """The backend that attributes with ``method`` at ``level`` on a model of ``architecture``.
+def attribution_backend(method: str, architecture: str, requested: str = "auto", model: Any = None, n_pos: int = 0) -> str:
+    """The backend that attributes with ``method`` (at any level) on a model of ``architecture``.
 
     ``requested``: ``auto`` (the first of the method's backends that runs here), ``unsplit`` or ``split``;
     one that cannot run here is a ``ValueError`` naming the model and the alternatives. A method that
     runs circuit evaluations (exact) gets the evaluator's engine (``model``, ``n_pos``: as for
     :func:`evaluation_engine`)."""
     m = get_method(method)
-    check_backend(m, level, requested)
+    check_backend(m, requested)
     if not m.backends:
         return evaluation_engine(architecture, "auto", model, n_pos)
     family = families.get(architecture)
-    fits = {b: level in BACKENDS[b] and _runs(b, family) for b in m.backends}
+    fits = {b: _runs(b, family) for b in m.backends}
     if requested == "auto":
         return next(b for b, ok in fits.items() if ok)
     if not fits[requested]:

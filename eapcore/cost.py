@@ -45,7 +45,7 @@ _LOCK = threading.Lock()
 
 def rate_key(model: Any, spec: AttributionSpec) -> tuple:
     """(model, device, dtype, method, level, backend): runs that share it run at the same speed."""
-    backend = attribution_backend(spec.method, spec.level, architecture(model), spec.backend, model)
+    backend = attribution_backend(spec.method, architecture(model), spec.backend, model)
     name = str(getattr(model.cfg, "model_name", "") or "")
     shape = (int(model.cfg.n_layers), int(model.cfg.n_heads), int(model.cfg.d_model))
     return (name, shape, str(model_device(model)), str(model_dtype(model)), spec.method, spec.level, backend)

@@ -56,15 +56,16 @@ class Accumulator:
         n = rows.stop - rows.start
         if n <= 0:
             return
-        g = per_column(grad).to(delta.values.device)
+        g = per_column(grad).to(delta.values)  # a gradient summed in float32 meets Δ in the model's dtype
         g = g.permute(0, 1, 3, 2).reshape(-1, g.shape[2])
         block = delta.take(rows).reshape(n, -1) @ g
         self.edges[rows, dst.cols] += block.to(self.edges) * weight
 
     def add_neurons(self, rows: slice, delta: Delta, grad: torch.Tensor, weight: float) -> None:
-        """neurons[rows] += Σ_{batch,pos} Δ[rows] ⊙ grad."""
-        g = source_major(grad).to(delta.values.device)
-        self.neurons[rows] += (delta.take(rows) * g).sum((1, 2)).to(self.neurons) * weight
+        """neurons[rows] += Σ_{batch,pos} Δ[rows] ⊙ grad; ``grad`` ``[batch pos (rows) d_model]`` (one gradient
+        for all of ``rows`` when it has no rows dimension)."""
+        g = source_major(grad).to(delta.values)
+        self.neurons[rows] += (delta.take(rows) * g).sum((1, 2), dtype=self.neurons.dtype) * weight
 
 
 def on_grad(t: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> torch.Tensor:

@@ -275,7 +275,7 @@ def attribution_estimate(
         return evaluation_estimate(shape, batches, dtype, device, n_devices, f"{method} scoring", allocator_slack)
     B, P = _peak_batch(batches, shape)
     parts, notes = _common(shape, dtype, device, n_devices)
-    unsplit = m.memory == "gradients" and attribution_backend(method, level, shape.architecture, backend) == "unsplit"
+    unsplit = m.memory == "gradients" and attribution_backend(method, shape.architecture, backend) == "unsplit"
     if m.memory == "clean run":
         parts += _clean_run_parts(shape, B, P, _bytes(dtype))
     else:

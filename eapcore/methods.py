@@ -98,7 +98,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("clean-corrupted", "the mean of the gradients at the clean and the corrupted input", **_INPUT,
            interventions=("patching",), fixed_alphas=(1.0, 0.0)),
     Method("EAP-IG-activations", "integrated gradients along each source group's output, one group at a time",
-           "activation-interpolation", _activation_passes, steps=True),
+           "activation-interpolation", _activation_passes, steps=True, backends=("unsplit", "split")),
     Method("information-flow-routes", "how much each source output makes up each destination input on the clean "
            "run (Ferrando & Voita 2024); no metric, no intervention", "information-flow", _one_pass,
            uses_metric=False, uses_intervention=False, levels=("edge",), memory="clean run"),

@@ -70,7 +70,7 @@ def test_reference_forward_matches_hugging_face(hf64, tiny64, pairs):
 @pytest.mark.parametrize("method", ["EAP", "clean-corrupted", "EAP-IG-inputs"])
 def test_scores_equal_hook_free_autograd(method, backend, hf64, tiny64, pairs):
     """Both attribution backends: unsplit passes (eapcore.fastgrad) and per-head split inputs."""
-    assert attribution_backend(method, "edge", "GPT2LMHeadModel") == "unsplit"  # what auto picks for GPT-2
+    assert attribution_backend(method, "GPT2LMHeadModel") == "unsplit"  # what auto picks for GPT-2
     data = tokenize(pairs, tiny64.tokenizer)
     spec = AttributionSpec(method=method, ig_steps=3, batch_size=3, backend=backend)
     scores = attribute(tiny64, data, spec)
@@ -156,27 +156,33 @@ def test_half_precision_keeps_the_ranking(half_dtype, method, intervention, devi
 
 
 @pytest.mark.devices
+@pytest.mark.parametrize("level", ["edge", "node", "neuron"])
 @pytest.mark.parametrize("chunks", [1, 3])
 @pytest.mark.parametrize("method,intervention", [
     ("EAP", "patching"), ("EAP", "zero"), ("EAP", "mean"), ("EAP-IG-inputs", "patching"), ("clean-corrupted", "patching"),
+    ("EAP-IG-activations", "patching"), ("EAP-IG-activations", "zero"), ("EAP-IG-activations", "mean"),
 ])
-def test_fast_path_equals_the_plain_path(method, intervention, chunks, tiny64, pairs):
+def test_fast_path_equals_the_plain_path(method, intervention, chunks, level, tiny64, pairs):
     """Δ recorded inside the unsplit gradient passes, every intervention the methods allow, windows of
-    source rows: the same scores and the same progress reports as the split backend."""
+    source rows, every level: the same scores and the same progress reports as the split backend."""
     data = tokenize(pairs, tiny64.tokenizer)
-    spec = dict(method=method, ig_steps=3, batch_size=3, chunks=chunks, intervention=intervention, metric="prob_diff")
+    spec = dict(method=method, ig_steps=3, batch_size=3, chunks=chunks, intervention=intervention, metric="prob_diff",
+                level=level)
     fast_calls, plain_calls = [], []
-    fast = attribute(tiny64, data, AttributionSpec(**spec, backend="unsplit"), progress=lambda *a: fast_calls.append(a)).edges
-    plain = attribute(tiny64, data, AttributionSpec(**spec, backend="split"), progress=lambda *a: plain_calls.append(a)).edges
-    assert plain.abs().max() > 1e-3
-    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)
+    fast = attribute(tiny64, data, AttributionSpec(**spec, backend="unsplit"), progress=lambda *a: fast_calls.append(a))
+    plain = attribute(tiny64, data, AttributionSpec(**spec, backend="split"), progress=lambda *a: plain_calls.append(a))
+    for part in ("edges", "nodes", "neurons"):
+        ours, expected = getattr(fast, part), getattr(plain, part)
+        assert (ours is None) == (expected is None)
+        if expected is not None and (level == "edge") == (part == "edges"):
+            assert expected.abs().max() > 1e-3
+            torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
     assert fast_calls == plain_calls
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"backend": "fast"}, "unknown backend 'fast'; choose auto, unsplit or split"),
-    ({"backend": "unsplit", "level": "node"}, "the unsplit backend scores edges only, not nodes; use backend='auto' or 'split'"),
-    ({"backend": "unsplit", "method": "EAP-IG-activations"}, "EAP-IG-activations runs on the split backend only"),
+    ({"backend": "unsplit", "method": "information-flow-routes"}, "information-flow-routes runs on the split backend only"),
     ({"backend": "split", "method": "exact"}, "exact runs circuit evaluations"),
 ])
 def test_backends_that_cannot_run_are_refused_with_the_alternatives(kwargs, message):
@@ -189,5 +195,5 @@ def test_the_backend_that_ran_is_recorded(tiny64, pairs):
     ran = {(method, level): attribute(tiny64, data, AttributionSpec(method=method, level=level, ig_steps=2)).provenance["backend"]
            for method, level in [("EAP", "edge"), ("EAP", "node"), ("EAP-IG-activations", "edge"),
                                  ("information-flow-routes", "edge"), ("exact", "node")]}
-    assert ran == {("EAP", "edge"): "unsplit", ("EAP", "node"): "split", ("EAP-IG-activations", "edge"): "split",
+    assert ran == {("EAP", "edge"): "unsplit", ("EAP", "node"): "unsplit", ("EAP-IG-activations", "edge"): "unsplit",
                    ("information-flow-routes", "edge"): "split", ("exact", "node"): "sparse"}
