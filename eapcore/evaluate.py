@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from eapcore.backends import evaluation_engine
 from eapcore.circuit import Circuit
 from eapcore.data import Batch, TokenizedPairs
 from eapcore.families import architecture
+from eapcore.graph import Graph
 from eapcore.interventions import Intervention, make_intervention
 from eapcore.memory import out_of_memory
 from eapcore.metrics import Metric, MetricFn, get_metric, readout
@@ -28,6 +29,8 @@ from eapcore.models import model_device, model_graph, model_lock
 from eapcore.recording import Hook, new_buffer, record, record_sources, source_outputs
 from eapcore.sites import destinations, from_per_column, output_reader, sources
 from eapcore.sparse import SparseCircuitRunner
+from eapcore.removals import Removal, removal_logits, stacks
+from eapcore.sparse_plan import Held, make_plan
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +69,7 @@ class CircuitEvaluator:
         self.reference = reference
         self._prepared_batches: list[_Prepared] | None = None
         self._empty: float | None = None
+        self._held: Held | None = None  # the circuit whose node outputs the sparse runners hold (eapcore.sparse_plan)
 
     # ----- cached runs -----
     def _prepared(self) -> list[_Prepared]:
@@ -98,25 +102,31 @@ class CircuitEvaluator:
         ablated = corrupted if intervention.corrupted_run else intervention.ablated(self.model, self.graph, batch)
         runner = None
         if self.engine == "sparse":
-            clean = new_buffer(self.model, self.graph, batch)
-            inputs = torch.empty(2 * self.graph.cfg.n_layers + 1, *clean.shape[1:], dtype=clean.dtype, device=clean.device)
-            hooks = record_sources(self.model, self.graph, clean) + sparse.input_recorders(self.graph, inputs)
-            clean_logits = self.model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+            clean, inputs, clean_logits = self._clean_run(batch)
             runner = SparseCircuitRunner(self.model, self.graph, ablated, clean, inputs, batch.lengths)
         else:
             clean_logits = self.model(batch.clean)
         return _Prepared(batch, ablated, readout(clean_logits, batch.lengths), readout(corrupted_logits, batch.lengths),
                          runner)
 
+    def _clean_run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The clean run's source outputs ``[n_forward batch pos d_model]``, inputs of every destination group
+        ``[2 n_layers + 1, batch pos d_model]`` and logits."""
+        clean = new_buffer(self.model, self.graph, batch)
+        inputs = torch.empty(2 * self.graph.cfg.n_layers + 1, *clean.shape[1:], dtype=clean.dtype, device=clean.device)
+        hooks = record_sources(self.model, self.graph, clean) + sparse.input_recorders(self.graph, inputs)
+        return clean, inputs, self.model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+
     def _metric(self, logits: torch.Tensor, p: _Prepared) -> torch.Tensor:
-        return self.metric(logits, p.batch, p.clean_readout).double().cpu()
+        """Per-example metric ``[batch]`` in float64, on the model's device (brought back once per call)."""
+        return self.metric(logits, p.batch, p.clean_readout).double()
 
     # ----- public -----
     def example_baseline(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example metric ``[n_examples]`` of the clean and of the corrupted run."""
         prepared = self._prepared()
-        clean = torch.cat([self._metric(p.clean_readout, p) for p in prepared])
-        return clean, torch.cat([self._metric(p.corrupted_readout, p) for p in prepared])
+        clean = torch.cat([self._metric(p.clean_readout, p) for p in prepared]).cpu()
+        return clean, torch.cat([self._metric(p.corrupted_readout, p) for p in prepared]).cpu()
 
     def baseline(self) -> Baseline:
         clean, corrupted = self.example_baseline()
@@ -126,60 +136,89 @@ class CircuitEvaluator:
         """Per-example metric ``[n_examples]`` of ``circuit``: out-of-circuit edges carry ablated outputs.
         ``reuse_clean``: the full graph's metric is the cached clean run's; False runs it through the engine
         like any other circuit."""
-        return torch.cat(self._per_batch(circuit, reuse_clean, lambda p, logits: self._metric(logits, p)))
+        return torch.cat(self._per_batch(circuit, reuse_clean, lambda p, logits: self._metric(logits, p))).cpu()
 
     def logits(self, circuit: Circuit, reuse_clean: bool = True) -> torch.Tensor:
         """Read-out logits ``[n_examples d_vocab]`` (each example's last real token) of ``circuit``."""
-        return torch.cat(self._per_batch(circuit, reuse_clean, lambda p, logits: logits))
+        return torch.cat(self._per_batch(circuit, reuse_clean, lambda p, logits: logits)).cpu()
 
     def _per_batch(self, circuit: Circuit, reuse_clean: bool,
                    use: Callable[[_Prepared, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-        """``use(batch, read-out logits)`` for every batch, each batch's logits freed before the next."""
+        """``use(batch, read-out logits)`` for every batch, each batch's logits freed before the next. What
+        to compute is decided once, from the CPU masks (the sparse engine's plan, the hooked engine's
+        patched destinations), for all batches."""
         if circuit.graph.cfg != self.graph.cfg:
             raise ValueError(f"circuit graph {circuit.graph.cfg} does not match the model's graph {self.graph.cfg}")
         prepared = self._prepared()
         like = prepared[0].ablated
         real = self.graph.real_edge_mask
         kept = real & circuit.edges.cpu()  # the circuit's real edges
-        patch_mask = (real & ~kept).to(device=like.device, dtype=like.dtype)
-        partial = None
-        if circuit.neurons is not None:  # in-circuit edges still ablate their parent's excluded dimensions
-            partial = (kept.to(like), (~circuit.neurons.cpu()).to(like))
-        if reuse_clean and partial is None and not bool(patch_mask.any()):  # the full graph: the clean run, cached
+        neurons = None if circuit.neurons is None else circuit.neurons.cpu()
+        if reuse_clean and neurons is None and bool(kept.eq(real).all()):  # the full graph: the clean run, cached
             return [use(p, p.clean_readout) for p in prepared]
         values = []
         with self._memory_advice(), model_lock(self.model), torch.inference_mode():
+            if self.engine == "sparse" and neurons is None:
+                plan = make_plan(self.graph, kept, self._held, like.device, like.dtype)
+                self._held = None  # until every batch's runner holds the plan's circuit
+                for p in prepared:
+                    values.append(use(p, p.runner.readout(plan)))
+                self._held = plan.held
+                return values
+            patches = _Patches(self.model, self.graph, real & ~kept, kept, neurons, like)
             for p in prepared:
-                if p.runner is not None and partial is None:
-                    values.append(use(p, p.runner.readout(kept)))
-                    continue
-                logits = self.model.run_with_hooks(p.batch.clean, fwd_hooks=self._hooks(p.ablated, patch_mask, partial))
+                logits = self.model.run_with_hooks(p.batch.clean, fwd_hooks=patches.hooks(p.ablated))
                 values.append(use(p, readout(logits, p.batch.lengths)))
         return values
 
-    def _hooks(self, ablated: torch.Tensor, patch_mask: torch.Tensor, partial: tuple | None) -> list[Hook]:
-        """Forward hooks that patch every out-of-circuit edge (and excluded neurons of in-circuit ones);
-        none where nothing is patched."""
-        patch = ablated.clone()  # becomes ablated − actual as sources fire
-        used_rows = patch_mask.any(1).nonzero().flatten().tolist()
-        n_used = self.graph.n_forward if partial is not None else max(used_rows) + 1 if used_rows else 0
-        hooks = [record(s.hook, patch, s.rows, output_reader(self.model, s), -1) for s in sources(self.graph) if s.rows.start < n_used]
-        for d in destinations(self.graph):
-            n = d.n_sources
-            block = patch_mask[:n, d.cols]
-            kept = None if partial is None else partial[0][:n, d.cols]
-            if kept is None and not bool(block.any()):
-                continue
+    def without(self, removals: Sequence[Removal], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Per-example metric ``[len(removals) n_examples]`` (float64) of the full graph with each removal's
+        edges removed: an edge ``(row, col)``, or all of a node's outgoing edges ``(row, None)``.
 
-            def add(t: torch.Tensor, hook: Any, n: int = n, block=block, kept=kept) -> torch.Tensor:
-                flat = block.T @ patch[:n].reshape(n, -1)  # [cols, batch*pos*d_model]
-                if kept is not None:
-                    dropped = patch[:n] * partial[1][:n, None, None, :]
-                    flat = flat + kept.T @ dropped.reshape(n, -1)
-                return t + from_per_column(flat.reshape(block.shape[1], *patch.shape[1:]).permute(1, 2, 0, 3), t).to(t.device)
+        The sparse engine evaluates the removals that start at the same place stacked along the batch
+        (:mod:`eapcore.removals`), from the clean run's outputs and inputs, run once per batch and kept for
+        that batch only; the hooked engine evaluates each removal's circuit. ``progress(done, total)`` is
+        called as removals are evaluated on each batch (``total``: removals × batches); raise from it to stop."""
+        prepared, n_removals = self._prepared(), len(removals)
+        total, done = n_removals * len(prepared), 0
+        if self.engine != "sparse":
+            values = []
+            for row, col in removals:
+                keep = self.graph.real_edge_mask.clone()
+                keep[row, slice(None) if col is None else col] = False
+                values.append(self.evaluate(Circuit(self.graph, keep, torch.ones(self.graph.n_forward, dtype=torch.bool))))
+                done += len(prepared)
+                if progress is not None:
+                    progress(done, total)
+            return torch.stack(values) if values else torch.zeros(0, len(self.data), dtype=torch.float64)
+        like = prepared[0].ablated
+        out = torch.zeros(n_removals, len(self.data), dtype=torch.float64, device=like.device)
+        with self._memory_advice(), model_lock(self.model), torch.inference_mode():
+            tokens = max(p.batch.clean.numel() for p in prepared)
+            plan = stacks(self.graph, removals, tokens, like.device, like.dtype)
+            first = 0
+            for p in prepared:
+                clean, inputs, _ = self._clean_run(p.batch)
+                examples = slice(first, first + p.batch.size)
+                for stack in plan:
+                    logits = removal_logits(p.runner, stack, clean, inputs)
+                    for place, one in zip(stack.places, logits):
+                        out[place, examples] = self._metric(one, p)
+                    done += len(stack.places)
+                    if progress is not None:
+                        progress(done, total)
+                first = examples.stop
+                del clean, inputs
+        return out.cpu()
 
-            hooks.append((d.hook, add))
-        return hooks
+    def forget(self) -> None:
+        """Drop the node outputs kept from the last evaluation (their memory: one more copy of the ablated
+        outputs); the next evaluation computes every node its circuit needs."""
+        with model_lock(self.model):
+            self._held = None
+            for p in self._prepared_batches or []:
+                if p.runner is not None:
+                    p.runner.forget()
 
     def empty_metric(self) -> float:
         """Mean metric of the empty circuit, m(∅)."""
@@ -201,3 +240,38 @@ def normalized(value: float, full: float, empty: float) -> float:
         )
     return (value - empty) / (full - empty)
 
+
+class _Patches:
+    """The hooked engine's patches for one circuit, decided once from the CPU masks: which sources are
+    recorded and which destination inputs get Σ_{u not in circuit} ``patch``_u (and, for in-circuit edges of
+    a neuron circuit, their parent's excluded dimensions); the masks go to ``like``'s device and dtype once."""
+
+    def __init__(self, model: Any, graph: Graph, patched: torch.Tensor, kept: torch.Tensor, neurons: torch.Tensor | None,
+                 like: torch.Tensor) -> None:
+        self.model, self.graph = model, graph
+        to = dict(device=like.device, dtype=like.dtype)
+        self.dropped = None if neurons is None else (~neurons).to(**to)  # [n_forward d_model]
+        used = patched.any(1).nonzero().flatten()
+        self.n_used = graph.n_forward if neurons is not None else int(used.max()) + 1 if len(used) else 0
+        self.blocks = []  # (destination, its patch mask [n cols], its kept mask or None)
+        for d in destinations(graph):
+            block = patched[:d.n_sources, d.cols]
+            if neurons is None and not bool(block.any()):
+                continue
+            self.blocks.append((d, block.to(**to), None if neurons is None else kept[:d.n_sources, d.cols].to(**to)))
+
+    def hooks(self, ablated: torch.Tensor) -> list[Hook]:
+        """Forward hooks for one batch: ``ablated`` ``[n_forward batch pos d_model]``."""
+        patch = ablated.clone()  # becomes ablated − actual as sources fire
+        hooks = [record(s.hook, patch, s.rows, output_reader(self.model, s), -1)
+                 for s in sources(self.graph) if s.rows.start < self.n_used]
+        for d, block, kept in self.blocks:
+            def add(t: torch.Tensor, hook: Any, n: int = d.n_sources, block=block, kept=kept) -> torch.Tensor:
+                flat = block.T @ patch[:n].reshape(n, -1)  # [cols, batch*pos*d_model]
+                if kept is not None:
+                    dropped = patch[:n] * self.dropped[:n, None, None, :]
+                    flat = flat + kept.T @ dropped.reshape(n, -1)
+                return t + from_per_column(flat.reshape(block.shape[1], *patch.shape[1:]).permute(1, 2, 0, 3), t).to(t.device)
+
+            hooks.append((d.hook, add))
+        return hooks

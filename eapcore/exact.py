@@ -5,38 +5,39 @@ metric over the examples and ``sign = −1`` when higher is better: the change o
 units, positive when the removal hurts (the sign and units of attribution scores). A removed edge carries
 what the evaluator's intervention gives it (the corrupted output under patching).
 
-Each removal is one evaluation of a circuit through :class:`~eapcore.evaluate.CircuitEvaluator` (its node
-by node path where the model allows), not one batched pass over several removals.
+Removals are evaluated by :meth:`~eapcore.evaluate.CircuitEvaluator.without`: on the sparse engine several
+at once, stacked along the batch, each computing only what lies after the input it changes
+(:mod:`eapcore.removals`); on the hooked engine one circuit evaluation each.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from eapcore.circuit import Circuit
 from eapcore.evaluate import CircuitEvaluator
+from eapcore.removals import Removal
 
 
 def loss_changes(
-    evaluator: CircuitEvaluator, removals: Iterable[torch.Tensor], total: int,
-    progress: Callable[[int, int], None] | None = None,
+    evaluator: CircuitEvaluator, removals: Sequence[Removal], progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """``[total]`` float64: the effect of removing each of the ``total`` masks of ``removals`` (``[n_forward
-    n_backward]`` bool, made one at a time) from the full graph. ``progress(done, total)`` is called after
-    each removal; raise from it to stop."""
-    graph = evaluator.graph
+    """``[len(removals)]`` float64: the effect of each removal (an edge ``(row, col)``, or all of a node's
+    outgoing edges ``(row, None)``) from the full graph. ``progress(done, total)`` is called once per
+    removal, in order, as they are evaluated; raise from it to stop."""
     sign = -1.0 if evaluator.metric.higher_is_better else 1.0
-    full = Circuit.full(graph)
-    base = evaluator.evaluate(full).double().mean().item()
-    out = torch.zeros(total, dtype=torch.float64)
-    for i, removed in enumerate(removals):
-        kept = graph.real_edge_mask & ~removed.cpu()
-        out[i] = sign * (evaluator.evaluate(Circuit(graph, kept, full.nodes)).double().mean().item() - base)
-        if progress is not None:
-            progress(i + 1, total)
-    return out
+    base = evaluator.evaluate(Circuit.full(evaluator.graph)).double().mean().item()
+    reported = 0
+
+    def tick(done: int, total: int) -> None:  # removal × batch units -> removals
+        nonlocal reported
+        while progress is not None and reported < done * len(removals) // total:
+            reported += 1
+            progress(reported, len(removals))
+
+    return sign * (evaluator.without(removals, tick).mean(1) - base)
 
 
 def edge_effects(
@@ -44,31 +45,19 @@ def edge_effects(
 ) -> torch.Tensor:
     """``[len(edges)]`` float64: the effect of removing each edge ``(row, col)`` alone."""
     real = evaluator.graph.real_edge_mask
-
-    def one(row: int, col: int) -> torch.Tensor:
+    for row, col in edges:
         if not bool(real[row, col]):
             raise ValueError(f"({row}, {col}) is not an edge of the graph: {evaluator.graph.edge_name(row, col)} runs "
                              "backwards in time")
-        mask = torch.zeros_like(real)
-        mask[row, col] = True
-        return mask
-
-    return loss_changes(evaluator, (one(r, c) for r, c in edges), len(edges), progress)
+    return loss_changes(evaluator, [(int(r), int(c)) for r, c in edges], progress)
 
 
 def node_effects(
     evaluator: CircuitEvaluator, rows: Sequence[int] | None = None, progress: Callable[[int, int], None] | None = None
 ) -> torch.Tensor:
     """``[len(rows)]`` float64 (default: every source node): the effect of removing each node's outgoing edges."""
-    graph = evaluator.graph
-    rows = range(graph.n_forward) if rows is None else rows
-
-    def outgoing(row: int) -> torch.Tensor:
-        mask = torch.zeros_like(graph.real_edge_mask)
-        mask[row] = graph.real_edge_mask[row]
-        return mask
-
-    return loss_changes(evaluator, (outgoing(r) for r in rows), len(rows), progress)
+    rows = range(evaluator.graph.n_forward) if rows is None else rows
+    return loss_changes(evaluator, [(int(r), None) for r in rows], progress)
 
 
 def edge_scores(evaluator: CircuitEvaluator, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:

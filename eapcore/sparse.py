@@ -22,6 +22,7 @@ from eapcore.graph import QKV, Graph
 from eapcore.heads import HeadWeights, head_weights
 from eapcore.recording import Hook, record
 from eapcore.sites import Destination, destinations
+from eapcore.sparse_plan import Plan, Read
 
 
 def unfit(model: Any, n_pos: int = 0) -> str | None:
@@ -58,15 +59,15 @@ class _Layer:
     scaling: float
     head_norms: dict[str, torch.nn.Module]  # q, k: norms over d_head before the rotation (Qwen3)
 
-    def project(self, which: str, x: torch.Tensor, heads: list[int]) -> torch.Tensor:
-        """Per-head inputs ``[n ... d_model]`` -> q, k or v ``[n ... d_head]`` of ``heads`` (q and k
-        after any per-head norm, before any rotation)."""
+    def project(self, which: str, x: torch.Tensor, heads: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Inputs -> q, k or v ``[n ... d_head]`` of the ``n`` heads ``heads`` (q and k after any per-head
+        norm, before any rotation); ``x``: one input per head ``[n ... d_model]``, or one for all (``shared``)."""
         w, b = self.heads.w[which][heads], self.heads.b[which][heads]
-        y = torch.einsum("n...d,nde->n...e", self.ln1(x), w)
+        y = torch.einsum("...d,nde->n...e" if shared else "n...d,nde->n...e", self.ln1(x), w)
         y = y + b.view(len(heads), *[1] * (y.dim() - 2), -1)
         return self.head_norms[which](y) if which in self.head_norms else y
 
-    def output(self, z: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    def output(self, z: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """z ``[n ... d_head]`` -> each head's result ``[n ... d_model]``."""
         return torch.einsum("n...e,ned->n...d", z, self.heads.w_o[heads])
 
@@ -105,99 +106,96 @@ class SparseCircuitRunner:
     clean-run outputs; ``clean_inputs``: the clean run's input at every destination group (attention of
     each layer, MLP of each layer, logits), each ``[batch pos d_model]``.
 
-    A node is computed at every position only if some in-circuit path leads from it into a key or
-    value input; otherwise (it feeds the logits, queries or MLPs that feed the logits) only at the last
-    real tokens, ``[batch d_model]``."""
+    It keeps what the last evaluation computed (``restore`` of every computed node, the logits), which a
+    :class:`~eapcore.sparse_plan.Plan` that starts from it reuses."""
 
     def __init__(self, model: Any, graph: Graph, ablated: torch.Tensor, clean: torch.Tensor,
                  clean_inputs: list[torch.Tensor], lengths: torch.Tensor) -> None:
         self.model, self.graph, self.ablated = model, graph, ablated
         self.layers = [_layer(model, layer) for layer in range(graph.cfg.n_layers)]
-        self.rows, self.last = torch.arange(ablated.shape[1], device=ablated.device), lengths.to(ablated.device) - 1
-        self.real = torch.arange(ablated.shape[2], device=ablated.device)[None, :] <= self.last[:, None]  # [batch pos]
+        device = ablated.device
+        self.rows, self.last = torch.arange(ablated.shape[1], device=device), lengths.to(device) - 1
+        real = torch.arange(ablated.shape[2], device=device)[None, :] <= self.last[:, None]  # [batch pos]
+        self.real = real.flatten().nonzero().flatten()  # flat indices of real tokens (one sync, here)
         self.rotary = None  # cos, sin [pos d_head]
         if families.of(model).attention != "plain":
-            positions = torch.arange(ablated.shape[2], device=ablated.device)[None]
+            positions = torch.arange(ablated.shape[2], device=device)[None]
             self.rotary = tuple(t[0] for t in _rotary_embedding(model)(ablated[0, :1], positions))
         self.input_restore = clean[0] - ablated[0]  # the input node's actual output is its clean one
-        # X_v = c_v + Σ_{u < n} ā_u over the n sources v reads, with c_v = clean input − Σ_{u < n} clean_u (a
-        # running sum: no temporary the size of the cache)
-        shift, done, self.all_ablated = torch.zeros_like(clean[0]), 0, []
-        for x, n in zip(clean_inputs, [d.n_sources for d in _input_groups(graph)]):
-            shift += (ablated[done:n] - clean[done:n]).sum(0)
+        # X_v = c_v + Σ_{u < n} ā_u over the n sources v reads, with c_v = clean input − Σ_{u < n} clean_u: a
+        # running sum in float32 or wider (no temporary the size of the cache), rounded once per input
+        wide = torch.promote_types(ablated.dtype, torch.float32)
+        shift, done, self.all_ablated = torch.zeros(clean[0].shape, dtype=wide, device=device), 0, []
+        for x, n in zip(clean_inputs, [d.n_sources for d in input_groups(graph)]):
+            shift += (ablated[done:n] - clean[done:n]).sum(0, dtype=wide)
             done = n
-            self.all_ablated.append(x + shift)
+            self.all_ablated.append((x.to(wide) + shift).to(ablated.dtype))
         self.ablated_last = self._at_last(ablated)
-        # per destination column: does it read all positions (k, v), and which node reads through it
-        self.reads_all = torch.zeros(graph.n_backward, dtype=torch.bool)
-        self.reader = torch.full((graph.n_backward,), graph.n_forward)  # the logits: a node never computed fully
-        for layer in range(graph.cfg.n_layers):
-            for which in QKV:
-                for h in range(graph.cfg.n_heads):
-                    col = graph.qkv_column(layer, which, h)
-                    self.reads_all[col], self.reader[col] = which != "q", graph.head_index(layer, h)
-            self.reader[graph.mlp_column(layer)] = graph.mlp_index(layer)
+        self.mlp_rows = [torch.full((1,), graph.mlp_index(layer), device=device) for layer in range(graph.cfg.n_layers)]
+        self.restore: torch.Tensor | None = None  # actual − ablated, a_u − ā_u, of nodes computed at every position
+        self.restore_last: torch.Tensor | None = None  # ... and of every computed node, at the last tokens
+        self.logits: torch.Tensor | None = None
+
+    def forget(self) -> None:
+        """Drop what the last evaluation computed."""
+        self.restore = self.restore_last = self.logits = None
 
     def _at_last(self, t: torch.Tensor) -> torch.Tensor:
         """``[... batch pos d]`` -> ``[... batch d]`` at each example's last real token."""
         return t[..., self.rows, self.last, :]
 
-    def _plan(self, keep: torch.Tensor) -> tuple[list[bool], list[bool]]:
-        """(needed, everywhere) per source row: read by some in-circuit edge; needed at every position."""
-        needed = keep.any(1)
-        everywhere = torch.zeros(self.graph.n_forward + 1, dtype=torch.bool)
-        for u in reversed(needed.nonzero().flatten().tolist()):  # readers come after their parents
-            everywhere[u] = bool((keep[u] & (self.reads_all | everywhere[self.reader])).any())
-        return needed.tolist(), everywhere.tolist()
-
-    def readout(self, keep: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch d_vocab]`` at the last real tokens when only the edges in ``keep``
-        ``[n_forward n_backward]`` (bool, real edges) carry actual outputs."""
-        g, H = self.graph, self.graph.cfg.n_heads
-        needed, everywhere = self._plan(keep)
-        restore = torch.zeros_like(self.ablated)  # actual − ablated, a_u − ā_u, of sources computed at every position
-        restore_last = torch.zeros_like(self.ablated_last)  # ... and of every computed source, at the last tokens
-        restore[0], restore_last[0] = self.input_restore, self._at_last(self.input_restore)
-
-        def store(rows: list[int], out: torch.Tensor, full: bool) -> None:
-            if full:
-                restore[rows] = out - self.ablated[rows]
-                restore_last[rows] = self._at_last(restore[rows])
-            else:
-                restore_last[rows] = out - self.ablated_last[rows]
-
-        for layer, weights in enumerate(self.layers):
+    def readout(self, plan: Plan) -> torch.Tensor:
+        """Logits ``[batch d_vocab]`` at the last real tokens of the circuit that ``plan`` was made for."""
+        if plan.fresh or self.restore is None:
+            self.restore, self.restore_last = torch.zeros_like(self.ablated), torch.zeros_like(self.ablated_last)
+            self.restore[0], self.restore_last[0] = self.input_restore, self._at_last(self.input_restore)
+        elif plan.dropped is not None:
+            self.restore.index_fill_(0, plan.dropped, 0)
+            self.restore_last.index_fill_(0, plan.dropped, 0)
+        restore, restore_last = self.restore, self.restore_last
+        for layer, (weights, step) in enumerate(zip(self.layers, plan.layers)):
             base, base_mlp = self.all_ablated[2 * layer], self.all_ablated[2 * layer + 1]
-            heads = [h for h in range(H) if needed[g.head_index(layer, h)]]
-            if heads:
-                n = g.n_attn_sources(layer)
-                kv = self._inputs(base, keep, restore, n, [g.qkv_column(layer, w, h) for w in "kv" for h in heads])
-                k, v = (weights.project(w, kv[i * len(heads):(i + 1) * len(heads)], heads) for i, w in enumerate("kv"))
+            if step.heads is not None:
+                m = len(step.heads)
+                kv = self._inputs(base, step.kv, restore)
+                k, v = (weights.project(w, kv[i * m:(i + 1) * m], step.heads) for i, w in enumerate("kv"))
                 k = self._position(k, None)
-                for full in (True, False):
-                    sub = [i for i, h in enumerate(heads) if everywhere[g.head_index(layer, h)] == full]
-                    if not sub:
-                        continue
-                    chosen = [heads[i] for i in sub]
-                    q_cols = [g.qkv_column(layer, "q", h) for h in chosen]
-                    q_in = (self._inputs(base, keep, restore, n, q_cols) if full
-                            else self._inputs(self._at_last(base), keep, restore_last, n, q_cols))
-                    at = None if full else self.last
-                    z = _attend(self._position(weights.project("q", q_in, chosen), at), k[sub], v[sub], at, weights.scaling,
-                                None if self.rotary is None else torch.float32)
-                    store([g.head_index(layer, h) for h in chosen], weights.output(z, chosen), full)
-            row = g.mlp_index(layer)
-            if needed[row]:
-                full, cols = everywhere[row], [g.mlp_column(layer)]
-                if full:  # real tokens only: padding is 10-20% of a typical batch
-                    x = self._inputs(base_mlp, keep, restore, g.n_mlp_sources(layer), cols)[0]
+                for group in step.groups:
+                    at = None if group.full else self.last
+                    q_in = (self._inputs(base, group.q, restore) if group.full
+                            else self._inputs(self._at_last(base), group.q, restore_last))
+                    z = attend(self._position(weights.project("q", q_in, group.heads), at), k[group.sub], v[group.sub],
+                                at, weights.scaling, None if self.rotary is None else torch.float32)
+                    self._store(group.rows, weights.output(z, group.heads), group.full)
+            if step.mlp is not None:
+                row = self.mlp_rows[layer]
+                if step.mlp_full:  # real tokens only: padding is 10-20% of a typical batch
+                    x = self._inputs(base_mlp, step.mlp, restore)[0]
                     out = self.ablated[row].clone()
-                    out[self.real] = weights.mlp(weights.ln2(x[self.real]))
+                    out.view(-1, x.shape[-1]).index_copy_(0, self.real, self._mlp(weights, x.view(-1, x.shape[-1]), self.real))
                 else:
-                    out = weights.mlp(weights.ln2(self._inputs(self._at_last(base_mlp), keep, restore_last, g.n_mlp_sources(layer), cols)))
-                store([row], out, full)
-        final = self._inputs(self._at_last(self.all_ablated[-1]), keep, restore_last, g.n_forward, [g.logits_column])[0]
+                    out = weights.mlp(weights.ln2(self._inputs(self._at_last(base_mlp), step.mlp, restore_last)))
+                self._store(row, out, step.mlp_full)
+        if plan.logits is not None:
+            final = self._inputs(self._at_last(self.all_ablated[-1]), plan.logits, restore_last)[0]
+            self.logits = self._unembed(final)
+        return self.logits
+
+    @staticmethod
+    def _mlp(weights: "_Layer", x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The MLP on the rows ``real`` of ``x`` ``[tokens d_model]``."""
+        return weights.mlp(weights.ln2(x.index_select(0, real)))
+
+    def _unembed(self, final: torch.Tensor) -> torch.Tensor:
         return self.model.unembed.original_component(self.model.ln_final.original_component(final))
+
+    def _store(self, rows: torch.Tensor, out: torch.Tensor, full: bool) -> None:
+        """Keep the outputs ``out`` of source ``rows`` as actual − ablated."""
+        if full:
+            self.restore.index_copy_(0, rows, out - self.ablated.index_select(0, rows))
+            self.restore_last.index_copy_(0, rows, self._at_last(self.restore.index_select(0, rows)))
+        else:
+            self.restore_last.index_copy_(0, rows, out - self.ablated_last.index_select(0, rows))
 
     def _position(self, x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
         """Rotate q or k ``[n batch pos d_head]`` (or ``[n batch d_head]`` at positions ``at``), if rotary."""
@@ -207,21 +205,16 @@ class SparseCircuitRunner:
         return _rotate(x, cos, sin)
 
     @staticmethod
-    def _inputs(base: torch.Tensor, keep: torch.Tensor, restore: torch.Tensor, n: int, cols: list[int]) -> torch.Tensor:
-        """``[len(cols) *base.shape]``: base + Σ over each column's in-circuit parents (among the first ``n``
-        sources) of their ``restore``."""
-        mask = keep[:n, cols]
-        parents = mask.any(1).nonzero().flatten()
-        if len(parents) == 0:
-            return base.expand(len(cols), *base.shape)
-        if 2 * len(parents) > n:  # most rows: multiply through all of them rather than copy them out
-            add = mask.T.to(restore) @ restore[:n].reshape(n, -1)
-        else:
-            add = mask[parents].T.to(restore) @ restore[parents].reshape(len(parents), -1)
-        return base + add.view(len(cols), *base.shape)
+    def _inputs(base: torch.Tensor, read: Read, restore: torch.Tensor) -> torch.Tensor:
+        """``[read.n_cols *base.shape]``: base + Σ over each column's in-circuit parents of their ``restore``."""
+        if read.rows is None:
+            return base.expand(read.n_cols, *base.shape)
+        parents = restore[read.rows] if isinstance(read.rows, slice) else restore.index_select(0, read.rows)
+        add = read.mask @ parents.reshape(parents.shape[0], -1)
+        return base + add.view(read.n_cols, *base.shape)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor | None, scaling: float,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor | None, scaling: float,
             softmax_dtype: torch.dtype | None) -> torch.Tensor:
     """Causal attention per head: q ``[n batch pos d_head]`` (or ``[n batch d_head]`` at positions ``last``
     ``[batch]``), k, v ``[n batch pos d_head]`` -> z shaped like q; the softmax in ``softmax_dtype`` (as
@@ -238,7 +231,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tenso
     return pattern @ v if last is None else (pattern[..., None, :] @ v)[..., 0, :]
 
 
-def _input_groups(graph: Graph) -> list[Destination]:
+def input_groups(graph: Graph) -> list[Destination]:
     """One destination per group that shares an input: each layer's attention (its q hook stands for
     q, k and v), each layer's MLP, the logits; in forward order."""
     return [d for d in destinations(graph) if d.hook.endswith(("q_input", "mlp_in", "resid_post"))]
@@ -247,7 +240,7 @@ def _input_groups(graph: Graph) -> list[Destination]:
 def input_recorders(graph: Graph, store: torch.Tensor) -> list[Hook]:
     """Forward hooks that write the input of every destination group (attention and MLP of each layer,
     logits) into ``store`` ``[2 n_layers + 1, batch pos d_model]``, in that order."""
-    return [record(d.hook, store, slot, _first_column) for slot, d in enumerate(_input_groups(graph))]
+    return [record(d.hook, store, slot, _first_column) for slot, d in enumerate(input_groups(graph))]
 
 
 def _first_column(t: torch.Tensor) -> torch.Tensor:

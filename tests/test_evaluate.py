@@ -145,3 +145,94 @@ def test_sparse_evaluation_on_the_demo_model_top_circuits(device):
 def test_unknown_engine_is_refused(tiny64, pairs):
     with pytest.raises(ValueError, match="unknown engine 'fast'; choose auto, sparse or hooked"):
         CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), engine="fast")
+
+
+# ----- slider moves: each evaluation reuses what the previous circuit computed (eapcore.sparse_plan) -----
+
+
+def _walk(graph, seed: int, steps: int = 12):
+    """Top-n circuits (pruned) of random scores, n moving up and down by 1-5 edges, as a slider does."""
+    from eapcore.circuit import Scores
+    from eapcore.select import top_n
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = Scores(graph, torch.randn(graph.n_forward, graph.n_backward, generator=gen, dtype=torch.float64) * graph.real_edge_mask)
+    n = int(torch.randint(1, graph.n_edges // 2, (1,), generator=gen))
+    for _ in range(steps):
+        n = min(graph.n_edges, max(0, n + int(torch.randint(-5, 6, (1,), generator=gen))))
+        yield top_n(scores, n)
+
+
+@pytest.mark.parametrize("intervention", ["patching", "zero", "mean", "mean-positional"])
+def test_slider_moves_equal_fresh_evaluation(intervention, tiny64, pairs):
+    """Random moves up and down: each move's metric equals the hooked pass and a fresh node-by-node evaluation."""
+    if intervention == "mean-positional":
+        pairs = _rows(pairs, [i for i, c in enumerate(pairs.clean) if len(c.split()) == 4])
+    data = tokenize(pairs, tiny64.tokenizer)
+    moving, hooked = _both_paths(tiny64, data, intervention)
+    fresh, _ = _both_paths(tiny64, data, intervention)
+    for seed in range(3):
+        for circuit in _walk(moving.graph, seed):
+            ours = moving.evaluate(circuit, reuse_clean=False)
+            fresh.forget()  # nothing held: every node the circuit needs is computed
+            torch.testing.assert_close(ours, fresh.evaluate(circuit, reuse_clean=False), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(ours, hooked.evaluate(circuit, reuse_clean=False), rtol=1e-10, atol=1e-10)
+
+
+def test_slider_moves_on_the_demo_model_and_sessions_that_alternate():
+    """Two sessions moving their own sliders on one shared evaluator, in turn and from two threads at once."""
+    import threading
+
+    from eapcore.data import PromptPairs
+    from eapcore.models import load_model
+    from eapcore.tasks import get_task
+
+    model = load_model("demo", device="cpu", dtype="float64")
+    data = tokenize(_rows(PromptPairs.from_csv(get_task("ioi").csv.read_bytes()), range(12)), model.tokenizer)
+    shared, hooked = _both_paths(model, data, "patching", batch_size=5)
+    sessions = [list(_walk(shared.graph, seed, steps=10)) for seed in (10, 11)]
+    expected = [[hooked.evaluate(c, reuse_clean=False) for c in walk] for walk in sessions]
+    for a, b, ea, eb in zip(*sessions, *expected):  # in turn
+        torch.testing.assert_close(shared.evaluate(a, reuse_clean=False), ea, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(shared.evaluate(b, reuse_clean=False), eb, rtol=1e-10, atol=1e-10)
+    results: dict[int, list] = {0: [], 1: []}
+
+    def session(i):
+        results[i] = [shared.evaluate(c, reuse_clean=False) for c in sessions[i]]
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        for ours, exp in zip(results[i], expected[i], strict=True):
+            torch.testing.assert_close(ours, exp, rtol=1e-10, atol=1e-10)
+
+
+def test_a_move_recomputes_only_what_the_changed_edges_reach(tiny64):
+    """From a held circuit, a plan recomputes a node only if a changed edge or a recomputed in-circuit parent
+    reaches it (or it was not held at the positions needed now); a move of an edge into the logits
+    recomputes no node at all."""
+    from eapcore.sparse_plan import make_plan
+
+    graph = model_graph(tiny64)
+    real = graph.real_edge_mask
+    reader = {c: r for r in range(graph.n_forward) for c in range(graph.n_backward) if graph.forward_to_backward[r, c]}
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(40):
+        before = real & (torch.rand(real.shape, generator=gen) < 0.4)
+        after = before.clone()
+        r, c = real.nonzero()[int(torch.randint(0, graph.n_edges, (1,), generator=gen))].tolist()
+        after[r, c] = ~after[r, c]
+        held = make_plan(graph, before, None, torch.device("cpu"), torch.float64)
+        plan = make_plan(graph, after, held.held, torch.device("cpu"), torch.float64)
+        reach = {reader[c]} if c in reader else set()
+        for u in range(graph.n_forward):  # forward order: parents before children
+            if any(after[p, col] for p in reach for col in range(graph.n_backward) if reader.get(col) == u):
+                reach.add(u)
+        needed = after.any(1)
+        not_held_enough = {u for u in range(graph.n_forward) if needed[u] and held.held.have[u] < plan.held.have[u]}
+        assert set(plan.recomputed) <= (reach | not_held_enough) & set(needed.nonzero().flatten().tolist())
+        if c == graph.logits_column and needed[r] == before.any(1)[r]:
+            assert plan.recomputed == () and plan.logits is not None
