@@ -127,7 +127,7 @@ class SparseCircuitRunner:
         wide = torch.promote_types(ablated.dtype, torch.float32)
         shift, done, self.all_ablated = torch.zeros(clean[0].shape, dtype=wide, device=device), 0, []
         for x, n in zip(clean_inputs, [d.n_sources for d in input_groups(graph)]):
-            shift += (ablated[done:n] - clean[done:n]).sum(0, dtype=wide)
+            shift += (ablated[done:n].to(wide) - clean[done:n].to(wide)).sum(0)
             done = n
             self.all_ablated.append((x.to(wide) + shift).to(ablated.dtype))
         self.ablated_last = self._at_last(ablated)

@@ -1,5 +1,6 @@
 """Half precision (float16, bfloat16) on the CPU: what eapcore sums or normalises itself is computed in
-float32, against float64 computed from the same half-precision values, or against the float32 model.
+float32 (metrics, means, proximities, the unsplit backend's norm rebuild and step sums, the sparse engine's
+running sums), against float64 computed from the same half-precision values, or against the float32 model.
 
 The model with large residual values is a copy of the demo model whose BOS embedding has a "massive
 activation" of 3000 in one dimension (as GPT-2 and Llama have at the first token; its unembedding is
@@ -11,11 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eapcore import fastgrad
 from eapcore.attribute import AttributionSpec, attribute, proximity
 from eapcore.data import Batch, PromptPairs, tokenize
+from eapcore.evaluate import CircuitEvaluator
+from eapcore.gradients import hooked_backward, on_grad
+from eapcore.heads import head_weights
 from eapcore.interventions import mean_outputs
-from eapcore.metrics import METRICS
+from eapcore.metrics import METRICS, get_metric
 from eapcore.models import load_model, model_graph
+from eapcore.sparse import input_groups
 from eapcore.tasks import get_task
 
 HALF = [torch.bfloat16, torch.float16]
@@ -140,3 +146,74 @@ def test_information_flow_routes_in_half_precision_rank_as_float32(dtype, massiv
         scores[d] = attribute(model, data, spec).edges[model_graph(model).real_edge_mask]
     assert scores[dtype].isfinite().all()
     assert _spearman(scores[dtype], scores["float32"]) > 0.999
+
+
+# ----- the unsplit backend and the sparse engine -----
+
+
+def _data(model, n):
+    return tokenize(_first(PromptPairs.from_csv(get_task("ioi").csv.read_bytes()), n), model.tokenizer)
+
+
+def _k_input_gradient(path, dtype: str, unsplit: bool, layer: int = 1) -> torch.Tensor:
+    """The gradient of the logit difference at every head's k input of ``layer`` ``[batch pos head d_model]``
+    (float32): rebuilt through the norm by the unsplit backend, or read by autograd at the split hook."""
+    model = load_model(str(path), device="cpu", dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    (batch,) = _data(model, 8).batches(8)
+    metric, graph = get_metric("logit_diff"), model_graph(model)
+    embed = ("hook_embed", lambda t, hook: t.detach().clone().requires_grad_(True))
+    if unsplit:
+        grads = fastgrad._Gradients(model, graph, [head_weights(model, l) for l in range(graph.cfg.n_layers)], "edge",
+                                    slice(0, graph.n_forward))
+        with fastgrad.unsplit(model):
+            hooked_backward(model, batch, metric, None, [embed, *grads.hooks()], "test")
+        return grads.layers[layer].input_gradient("k").float()
+    seen = {}
+    hook = (f"blocks.{layer}.hook_k_input", lambda t, hook: on_grad(t, lambda g: seen.setdefault("g", g)))
+    hooked_backward(model, batch, metric, None, [embed, hook], "test")
+    return seen["g"].float()
+
+
+def test_float16_norm_rebuild_does_not_overflow(massive_dir):
+    """Fix: the unsplit backend rebuilds the norm in float32. In float16, (x − μ)² overflows for |x − μ| > 256,
+    so r = rsqrt(mean) was 0 and every head's k input gradient at that position came out exactly 0."""
+    reference = _k_input_gradient(massive_dir, "float32", unsplit=False)
+    for unsplit in (True, False):
+        half = _k_input_gradient(massive_dir, "float16", unsplit=unsplit)
+        error = (half[:, 0] - reference[:, 0]).norm() / reference[:, 0].norm()  # at the massive position
+        assert error < 2e-2, (unsplit, float(error))
+    assert float(reference[:, 0].norm()) > 1e-3 * float(reference.norm())  # the position matters
+
+
+@pytest.mark.slow
+def test_bfloat16_sums_over_many_steps_in_float32():
+    """Fix: Σ over the IG steps is kept in float32. Summed in bfloat16 (8 significant bits), 512 steps lost
+    16% of the scores; in float32 the bfloat16 scores stay within 1% of float32's."""
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        model = load_model("demo", device="cpu", dtype=dtype)
+        scores[dtype] = attribute(model, _data(model, 2), AttributionSpec("EAP-IG-inputs", ig_steps=512, batch_size=2)).edges
+    error = (scores["bfloat16"] - scores["float32"]).norm() / scores["float32"].norm()
+    assert error < 2e-2, float(error)
+
+
+def test_sparse_engine_rounds_its_running_sums_once(massive_dir):
+    """Fix: the sparse engine's all-ablated inputs X_v = clean input + Σ_{u < n} (ā_u − a_u) are summed in
+    float32 and rounded once, so in bfloat16 each is the correctly rounded sum (summed in bfloat16, the
+    running sum was rounded after every source)."""
+    model = load_model(str(massive_dir), device="cpu", dtype="bfloat16")
+    evaluator = CircuitEvaluator(model, _data(model, 16), batch_size=16, intervention="zero")
+    (prepared,) = evaluator._prepared()
+    runner = prepared.runner
+    clean, inputs, _ = evaluator._clean_run(prepared.batch)
+    graph, done, shift = evaluator.graph, 0, torch.zeros(inputs.shape[1:], dtype=torch.float64)
+    for x, group, ours in zip(inputs, input_groups(graph), runner.all_ablated):
+        shift += (prepared.ablated[done:group.n_sources].double() - clean[done:group.n_sources].double()).sum(0)
+        done = group.n_sources
+        exact = x.double() + shift
+        half_ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 8)  # bfloat16: 8 significant bits
+        slack = 2.0**-20 * float(shift.abs().max())  # the float32 sum's own rounding
+        excess = (ours.double() - exact).abs() - half_ulp - slack
+        assert float(excess.max()) <= 0, float(excess.max())
