@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from eapcore.memory import reset_peak_rss  # noqa: E402
+from eapcore.rss import reset_peak_rss  # noqa: E402
 
 # name -> (n_layer, n_head, n_embd, vocab_size, n_positions); random weights, built from a GPT2Config.
 SHAPES: dict[str, tuple[int, int, int, int, int]] = {

@@ -9,7 +9,9 @@ activation-difference buffer Δ      ``B·P·F·d``: every source's ``delta`` (a
 activations kept for backward       ``B·P·[L·(3H·d + 4·d_mlp + 5·d) + 2·d] + B·L·H·P²``
 logits gradient / backward peak     ``B·P·max(2·V, 4H·d − 4·d_mlp − V)``
 score accumulators                  ``F·n_backward (+ F·d)`` in float32 (float64 for float64 models)
-evaluation cache (evaluate, exact)  ``Σ_batches B·P·F·d`` + a one-batch difference buffer
+evaluation cache (evaluate, exact)  ``Σ_batches B·P·F·d`` + a one-batch difference buffer; the sparse engine
+                                    keeps as much again (the last circuit's node outputs) and the inputs
+                                    ``Σ_batches B·P·(2L + 2)·d``; exact adds one batch's clean run
 ==================================  =================================================================
 
 plus the weights and, on CPU, the Python process itself and the memory glibc keeps after frees.
@@ -37,6 +39,7 @@ from eapcore.backends import attribution_backend, evaluation_engine
 from eapcore.graph import Graph, GraphConfig
 from eapcore.methods import get_method
 from eapcore.recording import row_windows
+from eapcore.removals import STACK_TOKENS
 
 T = TypeVar("T")
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
@@ -272,7 +275,8 @@ def attribution_estimate(
         raise ValueError("no batches to estimate: the data set is empty")
     m = get_method(method)
     if m.memory == "evaluation":
-        return evaluation_estimate(shape, batches, dtype, device, n_devices, f"{method} scoring", allocator_slack)
+        return evaluation_estimate(shape, batches, dtype, device, n_devices, f"{method} scoring", allocator_slack,
+                                   removals=True)
     B, P = _peak_batch(batches, shape)
     parts, notes = _common(shape, dtype, device, n_devices)
     unsplit = m.memory == "gradients" and attribution_backend(method, shape.architecture, backend) == "unsplit"
@@ -280,7 +284,7 @@ def attribution_estimate(
         parts += _clean_run_parts(shape, B, P, _bytes(dtype))
     else:
         parts += _gradient_parts(shape, B, P, _bytes(dtype), _window_rows(shape, chunks), chunks,
-                                 len(m.alphas(ig_steps)) if unsplit else None)
+                                 _steps_kept(m, ig_steps, level) if unsplit else None)
     acc_bytes = 8 if dtype == "float64" else 4
     F, d = shape.n_forward, shape.d_model
     scores = F * shape.graph.n_backward * acc_bytes + (F * d * acc_bytes if level != "edge" else 0)
@@ -289,6 +293,17 @@ def attribution_estimate(
     churned = [p.name for p in parts if p.name not in ("Python, torch, transformers", "weights", "score accumulators")]
     factor = CPU_ALLOCATOR_FACTOR_UNSPLIT if unsplit else CPU_ALLOCATOR_FACTOR
     return Estimate(tuple(_with_slack(parts, device, allocator_slack, churned, factor)), device, tuple(notes))
+
+
+def _steps_kept(m: Any, ig_steps: int, level: str) -> int:
+    """Gradient passes whose normalised norm inputs the unsplit backend keeps at once: one scoring unit's
+    passes at edge level (all steps of an input interpolation, one group's steps but the shared α = 1 of
+    an activation interpolation); none but the pass in flight at node and neuron level."""
+    if level != "edge":
+        return 1
+    if m.runner == "activation-interpolation":
+        return max(1, ig_steps - 1)
+    return len(m.alphas(ig_steps))
 
 
 def _clean_run_parts(shape: ModelShape, B: int, P: int, b: int) -> list[Part]:
@@ -337,9 +352,12 @@ def evaluation_estimate(
     n_devices: int = 1,
     what: str = "evaluation",
     allocator_slack: bool | None = None,
+    removals: bool = False,
 ) -> Estimate:
     """Peak memory of a :class:`~eapcore.evaluate.CircuitEvaluator`: the ablated source outputs of every batch
-    are cached once, then each circuit costs one forward pass per batch."""
+    are cached once, then each circuit costs one forward pass per batch. The sparse engine also keeps the
+    last circuit's node outputs (slider moves reuse them); ``removals`` (exact scores): one batch's clean
+    run and a stack of removals (:mod:`eapcore.removals`) on top."""
     if not batches:
         raise ValueError("no batches to estimate: the data set is empty")
     b = _bytes(dtype)
@@ -352,9 +370,17 @@ def evaluation_estimate(
         Part("cached ablated outputs", cached, "Σ_batches B·P·n_forward·d_model"),
         Part("cached read-outs", 2 * n * V * b, "2·N·d_vocab (clean and corrupted logits at the read-out)"),
     ]
+    L = shape.n_layers
     if evaluation_engine(shape.architecture) == "sparse":  # eapcore.sparse: every destination group's ablated input
-        L = shape.n_layers
         parts.append(Part("cached ablated inputs", cached // F * (2 * L + 2), "Σ_batches B·P·(2L + 2)·d_model"))
+        parts.append(Part("last circuit's node outputs", cached, "Σ_batches B·P·n_forward·d_model (kept for slider moves)"))
+    if removals:
+        T = max(STACK_TOKENS, B * P)
+        parts += [
+            Part("one batch's clean run (removals)", B * P * (F + 2 * L + 1) * d * b, "B·P·(n_forward + 2L + 1)·d_model"),
+            Part("stacked removals", T * (10 * d + 2 * shape.d_mlp + H * P) * b,
+                 f"T·(10·d_model + 2·d_mlp + H·P), T = {T} stacked tokens"),
+        ]
     parts += [
         Part("patch difference buffer", B * P * F * d * b, f"B·P·n_forward·d_model = {B}·{P}·{F}·{d} × {b} B"),
         Part("forward working set", B * P * (FORWARD_PER_HEAD * H * d + V) * b + B * H * P * P * b,
@@ -362,7 +388,8 @@ def evaluation_estimate(
         Part("small tensors", OTHER_BYTES, "masks, per-example metrics"),
     ]
     notes.append(f"{what}; largest batch: {B} prompts × {P} positions; {len(batches)} batch(es), {n} prompts cached")
-    churned = ("patch difference buffer", "forward working set", "small tensors")  # the cache is allocated once
+    churned = ("patch difference buffer", "forward working set", "small tensors", "one batch's clean run (removals)",
+               "stacked removals")  # the caches are allocated once
     return Estimate(tuple(_with_slack(parts, device, allocator_slack, churned)), device, tuple(notes))
 
 
@@ -390,35 +417,3 @@ def reporting_out_of_memory(fn: Callable[[], T], advice: Callable[[str], str]) -
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     raise MemoryError(message)
-
-
-# ----- measuring -----
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not found in /proc/self/status")
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now (Linux)."""
-    return _status_bytes("VmRSS")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process since it started or since :func:`reset_peak_rss` (Linux)."""
-    return _status_bytes("VmHWM")
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak resident memory to its current value (Linux ≥ 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-

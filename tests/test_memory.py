@@ -76,7 +76,7 @@ _MEASURE = textwrap.dedent("""
     torch.set_num_threads(1)
     from eapcore.attribute import AttributionSpec, attribute
     from eapcore.data import Batch, TokenizedPairs
-    from eapcore.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from eapcore.rss import peak_rss_bytes, reset_peak_rss, rss_bytes
     from eapcore.models import load_model
     path, methods, B, P = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
     model = load_model(path, device="cpu", dtype="float32")
@@ -107,7 +107,7 @@ def test_estimate_is_within_20_percent_of_measured_peak(tmp_path):
     B, P = 16, 32
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     shape = shape_of_config(str(folder))
-    for method in ["EAP", "EAP-IG-inputs"]:  # one per fresh process: a process's first run also pays one-time costs
+    for method in ["EAP", "EAP-IG-inputs", "EAP-IG-activations"]:  # one per fresh process: a process's first run also pays one-time costs
         proc = subprocess.run([sys.executable, "-c", _MEASURE, str(folder), method, str(B), str(P)],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
