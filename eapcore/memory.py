@@ -37,7 +37,7 @@ import torch
 
 from eapcore.backends import attribution_backend, evaluation_engine
 from eapcore.graph import Graph, GraphConfig
-from eapcore.methods import get_method
+from eapcore.methods import Method, get_method
 from eapcore.recording import row_windows
 from eapcore.removals import STACK_TOKENS
 
@@ -295,7 +295,7 @@ def attribution_estimate(
     return Estimate(tuple(_with_slack(parts, device, allocator_slack, churned, factor)), device, tuple(notes))
 
 
-def _steps_kept(m: Any, ig_steps: int, level: str) -> int:
+def _steps_kept(m: Method, ig_steps: int, level: str) -> int:
     """Gradient passes whose normalised norm inputs the unsplit backend keeps at once: one scoring unit's
     passes at edge level (all steps of an input interpolation, one group's steps but the shared α = 1 of
     an activation interpolation); none but the pass in flight at node and neuron level."""

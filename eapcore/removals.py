@@ -85,17 +85,14 @@ def removal_logits(runner: SparseCircuitRunner, stack: Stack, clean: torch.Tenso
     softmax = None if r.rotary is None else torch.float32
     removed = clean.index_select(0, stack.rows) - r.ablated.index_select(0, stack.rows)  # a_u − ā_u [K batch pos d]
 
-    def at_last(t: torch.Tensor) -> torch.Tensor:  # [K batch pos d] -> [K batch d]
-        return r._at_last(t)
-
     def mlp(layer: int, x: torch.Tensor, full: bool) -> torch.Tensor:
         """The MLP's new output minus its clean one: ``x`` ``[K batch pos d]`` -> at real tokens (0 at
         padding), or ``[K batch d]`` at the last tokens."""
         row, weights = graph.mlp_index(layer), r.layers[layer]
         if not full:
-            return weights.mlp(weights.ln2(x)) - r._at_last(clean[row])
+            return weights.mlp(weights.ln2(x)) - r.at_last(clean[row])
         out = torch.zeros(K * B * P, d, dtype=x.dtype, device=x.device)
-        new = r._mlp(weights, x.reshape(-1, d), real)
+        new = r.mlp(weights, x.reshape(-1, d), real)
         out.index_copy_(0, real, new - clean[row].reshape(-1, d).index_select(0, r.real).repeat(K, 1))
         return out.view(K, B, P, d)
 
@@ -103,36 +100,37 @@ def removal_logits(runner: SparseCircuitRunner, stack: Stack, clean: torch.Tenso
         """All heads' new minus clean outputs, summed, from the shared input ``x`` ``[K batch pos d]``."""
         weights, everyone = r.layers[layer], torch.arange(H, device=x.device)
         k, v = (weights.project(w, x, everyone, shared=True).flatten(1, 2) for w in "kv")  # [H K·batch pos d_head]
-        q_in = x if full else at_last(x)
+        q_in = x if full else r.at_last(x)
         q = weights.project("q", q_in, everyone, shared=True).flatten(1, 2)
         at = None if full else last
-        z = attend(r._position(q, at), r._position(k, None), v, at, weights.scaling, softmax)
+        z = attend(r.position(q, at), r.position(k, None), v, at, weights.scaling, softmax)
         out = torch.einsum("hn...e,hed->n...d", z, weights.heads.w_o).view(K, B, *([P] if full else []), d)
         first = graph.head_index(layer, 0)
         base = clean[first:first + H].sum(0)
-        return out - (base if full else r._at_last(base))
+        return out - (base if full else r.at_last(base))
+
+    def fit(t: torch.Tensor, full: bool) -> torch.Tensor:
+        """A change at the positions a layer computes: every position, or the last tokens."""
+        return t if full or t.dim() == 3 else r.at_last(t)
 
     change: torch.Tensor | None = -removed if stack.nodes else None  # [K batch pos d], or at the last tokens
     slot = stack.start
     if not stack.nodes and slot == 2 * L:  # an edge into the logits
-        change = -at_last(removed)
+        change = -r.at_last(removed)
     elif not stack.nodes and slot % 2 == 1:  # an edge into an MLP
         layer, x = slot // 2, clean_inputs[slot] - removed
-        change = mlp(layer, x, True) if layer < L - 1 else mlp(layer, at_last(x), False)
+        change = mlp(layer, x, True) if layer < L - 1 else mlp(layer, r.at_last(x), False)
         slot += 1
     elif not stack.nodes:  # an edge into one head's q, k or v input
         layer, weights = slot // 2, r.layers[slot // 2]
         full = layer < L - 1
         x = {w: clean_inputs[slot] - removed * stack.which[w].view(K, 1, 1, 1) for w in "qkv"}
-        q, k, v = (weights.project(w, x[w] if w != "q" or full else at_last(x[w]), stack.heads) for w in "qkv")
+        q, k, v = (weights.project(w, x[w] if w != "q" or full else r.at_last(x[w]), stack.heads) for w in "qkv")
         at = None if full else r.last
-        z = attend(r._position(q, at), r._position(k, None), v, at, weights.scaling, softmax)
+        z = attend(r.position(q, at), r.position(k, None), v, at, weights.scaling, softmax)
         own = clean.index_select(0, stack.heads + graph.head_index(layer, 0))
-        change = weights.output(z, stack.heads) - (own if full else at_last(own))
+        change = weights.output(z, stack.heads) - (own if full else r.at_last(own))
         slot += 1
-    def fit(t: torch.Tensor, full: bool) -> torch.Tensor:  # a change, at the positions a layer computes
-        return t if full or t.dim() == 3 else at_last(t)
-
     before = None  # the change as it was before a layer's heads, which a parallel MLP reads
     while slot < 2 * L:
         layer, full = slot // 2, slot // 2 < L - 1
@@ -143,7 +141,7 @@ def removal_logits(runner: SparseCircuitRunner, stack: Stack, clean: torch.Tenso
             reads = before if graph.cfg.parallel_attn_mlp else change
             if reads is not None:  # (a parallel MLP whose input did not change is its clean self)
                 reads = fit(reads, full)
-                x = (clean_inputs[slot] if reads.dim() == 4 else r._at_last(clean_inputs[slot])) + reads
+                x = (clean_inputs[slot] if reads.dim() == 4 else r.at_last(clean_inputs[slot])) + reads
                 change = fit(change, full) + mlp(layer, x, full)
         slot += 1
-    return r._unembed(r._at_last(clean_inputs[2 * L]) + fit(change, False))
+    return r.unembed(r.at_last(clean_inputs[2 * L]) + fit(change, False))

@@ -130,7 +130,7 @@ class SparseCircuitRunner:
             shift += (ablated[done:n].to(wide) - clean[done:n].to(wide)).sum(0)
             done = n
             self.all_ablated.append((x.to(wide) + shift).to(ablated.dtype))
-        self.ablated_last = self._at_last(ablated)
+        self.ablated_last = self.at_last(ablated)
         self.mlp_rows = [torch.full((1,), graph.mlp_index(layer), device=device) for layer in range(graph.cfg.n_layers)]
         self.restore: torch.Tensor | None = None  # actual − ablated, a_u − ā_u, of nodes computed at every position
         self.restore_last: torch.Tensor | None = None  # ... and of every computed node, at the last tokens
@@ -140,15 +140,15 @@ class SparseCircuitRunner:
         """Drop what the last evaluation computed."""
         self.restore = self.restore_last = self.logits = None
 
-    def _at_last(self, t: torch.Tensor) -> torch.Tensor:
+    def at_last(self, t: torch.Tensor) -> torch.Tensor:
         """``[... batch pos d]`` -> ``[... batch d]`` at each example's last real token."""
         return t[..., self.rows, self.last, :]
 
     def readout(self, plan: Plan) -> torch.Tensor:
         """Logits ``[batch d_vocab]`` at the last real tokens of the circuit that ``plan`` was made for."""
-        if plan.fresh or self.restore is None:
+        if plan.fresh:
             self.restore, self.restore_last = torch.zeros_like(self.ablated), torch.zeros_like(self.ablated_last)
-            self.restore[0], self.restore_last[0] = self.input_restore, self._at_last(self.input_restore)
+            self.restore[0], self.restore_last[0] = self.input_restore, self.at_last(self.input_restore)
         elif plan.dropped is not None:
             self.restore.index_fill_(0, plan.dropped, 0)
             self.restore_last.index_fill_(0, plan.dropped, 0)
@@ -159,45 +159,45 @@ class SparseCircuitRunner:
                 m = len(step.heads)
                 kv = self._inputs(base, step.kv, restore)
                 k, v = (weights.project(w, kv[i * m:(i + 1) * m], step.heads) for i, w in enumerate("kv"))
-                k = self._position(k, None)
+                k = self.position(k, None)
                 for group in step.groups:
                     at = None if group.full else self.last
                     q_in = (self._inputs(base, group.q, restore) if group.full
-                            else self._inputs(self._at_last(base), group.q, restore_last))
-                    z = attend(self._position(weights.project("q", q_in, group.heads), at), k[group.sub], v[group.sub],
-                                at, weights.scaling, None if self.rotary is None else torch.float32)
+                            else self._inputs(self.at_last(base), group.q, restore_last))
+                    z = attend(self.position(weights.project("q", q_in, group.heads), at), k[group.sub], v[group.sub],
+                               at, weights.scaling, None if self.rotary is None else torch.float32)
                     self._store(group.rows, weights.output(z, group.heads), group.full)
             if step.mlp is not None:
                 row = self.mlp_rows[layer]
                 if step.mlp_full:  # real tokens only: padding is 10-20% of a typical batch
                     x = self._inputs(base_mlp, step.mlp, restore)[0]
                     out = self.ablated[row].clone()
-                    out.view(-1, x.shape[-1]).index_copy_(0, self.real, self._mlp(weights, x.view(-1, x.shape[-1]), self.real))
+                    out.view(-1, x.shape[-1]).index_copy_(0, self.real, self.mlp(weights, x.view(-1, x.shape[-1]), self.real))
                 else:
-                    out = weights.mlp(weights.ln2(self._inputs(self._at_last(base_mlp), step.mlp, restore_last)))
+                    out = weights.mlp(weights.ln2(self._inputs(self.at_last(base_mlp), step.mlp, restore_last)))
                 self._store(row, out, step.mlp_full)
         if plan.logits is not None:
-            final = self._inputs(self._at_last(self.all_ablated[-1]), plan.logits, restore_last)[0]
-            self.logits = self._unembed(final)
+            final = self._inputs(self.at_last(self.all_ablated[-1]), plan.logits, restore_last)[0]
+            self.logits = self.unembed(final)
         return self.logits
 
     @staticmethod
-    def _mlp(weights: "_Layer", x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def mlp(weights: "_Layer", x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """The MLP on the rows ``real`` of ``x`` ``[tokens d_model]``."""
         return weights.mlp(weights.ln2(x.index_select(0, real)))
 
-    def _unembed(self, final: torch.Tensor) -> torch.Tensor:
+    def unembed(self, final: torch.Tensor) -> torch.Tensor:
         return self.model.unembed.original_component(self.model.ln_final.original_component(final))
 
     def _store(self, rows: torch.Tensor, out: torch.Tensor, full: bool) -> None:
         """Keep the outputs ``out`` of source ``rows`` as actual − ablated."""
         if full:
             self.restore.index_copy_(0, rows, out - self.ablated.index_select(0, rows))
-            self.restore_last.index_copy_(0, rows, self._at_last(self.restore.index_select(0, rows)))
+            self.restore_last.index_copy_(0, rows, self.at_last(self.restore.index_select(0, rows)))
         else:
             self.restore_last.index_copy_(0, rows, out - self.ablated_last.index_select(0, rows))
 
-    def _position(self, x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+    def position(self, x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
         """Rotate q or k ``[n batch pos d_head]`` (or ``[n batch d_head]`` at positions ``at``), if rotary."""
         if self.rotary is None:
             return x
@@ -215,7 +215,7 @@ class SparseCircuitRunner:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor | None, scaling: float,
-            softmax_dtype: torch.dtype | None) -> torch.Tensor:
+           softmax_dtype: torch.dtype | None) -> torch.Tensor:
     """Causal attention per head: q ``[n batch pos d_head]`` (or ``[n batch d_head]`` at positions ``last``
     ``[batch]``), k, v ``[n batch pos d_head]`` -> z shaped like q; the softmax in ``softmax_dtype`` (as
     the Hugging Face model computes it; None: the model's dtype)."""
