@@ -73,8 +73,11 @@ class CircuitEvaluator:
 
     # ----- cached runs -----
     def _prepared(self) -> list[_Prepared]:
+        """The cached runs, made once: a second session that asks while the first makes them waits for them."""
         if self._prepared_batches is None:
             with self._memory_advice(), model_lock(self.model), torch.inference_mode():
+                if self._prepared_batches is not None:
+                    return self._prepared_batches
                 intervention = make_intervention(
                     self.intervention_kind, self.model, self.graph, self.reference or self.data, self.batch_size
                 )

@@ -236,3 +236,18 @@ def test_a_move_recomputes_only_what_the_changed_edges_reach(tiny64):
         assert set(plan.recomputed) <= (reach | not_held_enough) & set(needed.nonzero().flatten().tolist())
         if c == graph.logits_column and needed[r] == before.any(1)[r]:
             assert plan.recomputed == () and plan.logits is not None
+
+
+def test_two_sessions_asking_at_once_prepare_the_cache_once(tiny64, pairs):
+    import threading
+
+    ev = CircuitEvaluator(tiny64, tokenize(pairs, tiny64.tokenizer), batch_size=3)
+    prepare, calls = ev._prepare, []
+    ev._prepare = lambda *a: calls.append(1) or prepare(*a)
+    circuit = Circuit(ev.graph, ev.graph.real_edge_mask, torch.ones(ev.graph.n_forward, dtype=torch.bool))
+    threads = [threading.Thread(target=ev.evaluate, args=(circuit, False)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 3  # 8 pairs in batches of 3, once
