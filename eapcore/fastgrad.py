@@ -138,9 +138,7 @@ class _LayerSums:
 def output_site(source: Source) -> str:
     """Where a source group's output is one tensor in unsplit passes: a layer's heads share
     ``hook_attn_out``, the sum of their results."""
-    if source.hook.endswith("attn.hook_result"):
-        return source.hook.replace("attn.hook_result", "hook_attn_out")
-    return source.hook
+    return source.hook if source.layer is None else f"blocks.{source.layer}.hook_attn_out"
 
 
 class _Gradients:
