@@ -47,6 +47,26 @@ def test_bench_attribution_builds_a_random_shape(capsys: pytest.CaptureFixture[s
     assert line["n_pos"] == 4
 
 
+@pytest.mark.parametrize("method, level, keys", [
+    ("EAP-IG-activations", "edge", set()), ("EAP-IG-inputs", "node", {"edge_s", "over_edge"}), ("exact", "edge", {"removals_per_s"}),
+])
+def test_bench_attribution_runs_every_method_and_level(method, level, keys, capsys: pytest.CaptureFixture[str]) -> None:
+    record = bench_attribution.main([
+        "--model", "gpt2-tiny", "--n", "3", "--length", "4", "--batch-size", "2", "--method", method, "--level", level,
+        "--steps", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+    ])
+    assert last_json(capsys) == json.loads(json.dumps(record))
+    assert record["method"] == method and record["level"] == level and keys <= record.keys()
+    assert record["passes_per_batch"] == {"EAP-IG-activations": 2 + 5 * 2, "EAP-IG-inputs": 2 + 2, "exact": 46}[method]  # gpt2-tiny: 2 layers, 2 heads, 46 edges
+
+
+def test_the_activations_floor_takes_a_gradient_pass_per_step_and_group() -> None:
+    from eapcore.attribute import AttributionSpec
+
+    assert bench_attribution.floor_alphas(AttributionSpec("EAP-IG-activations", 3), n_layers=2) == [1.0] * 15
+    assert bench_attribution.floor_alphas(AttributionSpec("EAP-IG-inputs", 3), n_layers=2) == [0.0, 1 / 3, 2 / 3]
+
+
 @pytest.mark.parametrize("method, passes", [("EAP", (2, 1)), ("EAP-IG-inputs", (2, 3)), ("clean-corrupted", (2, 2))])
 def test_floor_does_the_method_s_passes(method: str, passes: tuple[int, int]) -> None:
     """2 forward passes without gradients, then one forward/backward per gradient step, on the raw model."""
@@ -87,8 +107,9 @@ def test_bench_evaluate_prints_latencies(tiny_dir: Path, tmp_path: Path, capsys:
     ])
     line = last_json(capsys)
     assert line == json.loads(json.dumps(record))
-    assert {"move_ms", "curve_ms", "forward_ms"} <= line.keys()
-    assert line["n"] == 3 and all(line[k] > 0 for k in ("move_ms", "curve_ms", "forward_ms"))
+    assert {"move_ms", "step_ms", "curve_ms", "forward_ms"} <= line.keys()
+    assert line["n"] == 3 and all(line[k] > 0 for k in ("move_ms", "step_ms", "curve_ms", "forward_ms"))
+    assert line["step_edges"][1] == line["step_edges"][0] + 1  # a one-edge move
 
 
 def test_bench_inspect_prints_latencies(capsys: pytest.CaptureFixture[str]) -> None:
