@@ -163,6 +163,7 @@ def _walk(graph, seed: int, steps: int = 12):
         yield top_n(scores, n)
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("intervention", ["patching", "zero", "mean", "mean-positional"])
 def test_slider_moves_equal_fresh_evaluation(intervention, tiny64, pairs):
     """Random moves up and down: each move's metric equals the hooked pass and a fresh node-by-node evaluation."""

@@ -33,6 +33,7 @@ def every_removal(graph) -> list:
     return [tuple(e) for e in graph.real_edge_mask.nonzero().tolist()] + [(row, None) for row in range(graph.n_forward)]
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("intervention", ["patching", "zero", "mean", "mean-positional"])
 def test_every_removal_equals_its_circuit(intervention, tiny64, pairs):
     if intervention == "mean-positional":  # needs prompts of one length
