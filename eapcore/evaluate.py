@@ -31,6 +31,7 @@ from eapcore.sites import destinations, from_per_column, output_reader, sources
 from eapcore.sparse import SparseCircuitRunner
 from eapcore.removals import Removal, removal_logits, stacks
 from eapcore.sparse_plan import Held, make_plan
+from eapcore.upload import to_device
 
 
 @dataclass(frozen=True, eq=False)
@@ -252,23 +253,25 @@ class _Patches:
     def __init__(self, model: Any, graph: Graph, patched: torch.Tensor, kept: torch.Tensor, neurons: torch.Tensor | None,
                  like: torch.Tensor) -> None:
         self.model, self.graph = model, graph
-        to = dict(device=like.device, dtype=like.dtype)
-        self.dropped = None if neurons is None else (~neurons).to(**to)  # [n_forward d_model]
         used = patched.any(1).nonzero().flatten()
         self.n_used = graph.n_forward if neurons is not None else int(used.max()) + 1 if len(used) else 0
-        self.blocks = []  # (destination, its patch mask [n cols], its kept mask or None)
+        dropped = None if neurons is None else (~neurons).to(like.dtype)  # [n_forward d_model]
+        blocks = []  # (its patch mask [n cols], its kept mask or None) per patched destination
+        self.patched = []
         for d in destinations(graph):
             block = patched[:d.n_sources, d.cols]
             if neurons is None and not bool(block.any()):
                 continue
-            self.blocks.append((d, block.to(**to), None if neurons is None else kept[:d.n_sources, d.cols].to(**to)))
+            self.patched.append(d)
+            blocks.append((block.to(like.dtype), None if neurons is None else kept[:d.n_sources, d.cols].to(like.dtype)))
+        self.dropped, self.blocks = to_device((dropped, blocks), like.device)  # one copy per dtype
 
     def hooks(self, ablated: torch.Tensor) -> list[Hook]:
         """Forward hooks for one batch: ``ablated`` ``[n_forward batch pos d_model]``."""
         patch = ablated.clone()  # becomes ablated − actual as sources fire
         hooks = [record(s.hook, patch, s.rows, output_reader(self.model, s), -1)
                  for s in sources(self.graph) if s.rows.start < self.n_used]
-        for d, block, kept in self.blocks:
+        for d, (block, kept) in zip(self.patched, self.blocks):
             def add(t: torch.Tensor, hook: Any, n: int = d.n_sources, block=block, kept=kept) -> torch.Tensor:
                 flat = block.T @ patch[:n].reshape(n, -1)  # [cols, batch*pos*d_model]
                 if kept is not None:

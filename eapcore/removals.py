@@ -20,6 +20,7 @@ import torch
 
 from eapcore.graph import Graph
 from eapcore.sparse import SparseCircuitRunner, attend, input_groups
+from eapcore.upload import to_device
 
 Removal = tuple[int, "int | None"]
 STACK_TOKENS = 4096  # batch × positions × removals stacked in one pass
@@ -61,15 +62,14 @@ def stacks(graph: Graph, removals: Sequence[Removal], tokens: int, device: torch
     for (first, nodes), places in sorted(groups.items()):
         for at in range(0, len(places), size):
             chunk = places[at:at + size]
-            rows = torch.tensor([removals[i][0] for i in chunk], device=device)
+            rows = torch.tensor([removals[i][0] for i in chunk])
             heads = which = None
             if not nodes and first % 2 == 0 and first < 2 * graph.cfg.n_layers:  # edges into heads
                 offsets = [removals[i][1] % (3 * H + 1) for i in chunk]  # q, k, v columns of the layer, by head
-                heads = torch.tensor([o % H for o in offsets], device=device)
-                which = {w: torch.tensor([float(o // H == j) for o in offsets], device=device, dtype=dtype)
-                         for j, w in enumerate("qkv")}
+                heads = torch.tensor([o % H for o in offsets])
+                which = {w: torch.tensor([float(o // H == j) for o in offsets], dtype=dtype) for j, w in enumerate("qkv")}
             out.append(Stack(tuple(chunk), first, nodes, rows, heads, which))
-    return out
+    return to_device(out, device)
 
 
 def removal_logits(runner: SparseCircuitRunner, stack: Stack, clean: torch.Tensor,

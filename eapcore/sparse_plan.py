@@ -2,8 +2,8 @@
 
 Every batch of an evaluator is evaluated with the same :class:`Plan`: which nodes the sparse engine
 (:mod:`eapcore.sparse`) computes, at which positions, and from which in-circuit parents, as index
-tensors and mask blocks made on the model's device when the plan is made, so the per-batch loop asks
-the device nothing.
+tensors and mask blocks made on the CPU and copied to the model's device in one go when the plan is made
+(:mod:`eapcore.upload`), so the per-batch loop asks the device nothing.
 
 A node is *needed* when it has an in-circuit outgoing edge, and needed at every position when some
 in-circuit path leads from it into a key or value input (otherwise only at the last real tokens).
@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 
 from eapcore.graph import QKV, Graph
+from eapcore.upload import to_device
 
 NONE, LAST, FULL = 0, 1, 2  # what is held of a node's output: nothing, the last real tokens, every position
 
@@ -148,7 +149,7 @@ def make_plan(graph: Graph, keep: torch.Tensor, held: Held | None, device: torch
     redo_logits = (held is None or bool(changed[logits_col]) or bool((keep[:, logits_col] & recompute).any()))
 
     def index(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+        return torch.tensor(values, dtype=torch.long)
 
     def read(n: int, cols: list[int]) -> Read:
         mask = keep[:n, cols]
@@ -156,8 +157,8 @@ def make_plan(graph: Graph, keep: torch.Tensor, held: Held | None, device: torch
         if len(parents) == 0:
             return Read(len(cols), None, None)
         if 2 * len(parents) > n:  # most rows: multiply through all of them rather than copy them out
-            return Read(len(cols), slice(0, n), mask.T.to(device=device, dtype=dtype))
-        return Read(len(cols), index(parents.tolist()), mask[parents].T.to(device=device, dtype=dtype))
+            return Read(len(cols), slice(0, n), mask.T.to(dtype))
+        return Read(len(cols), parents, mask[parents].T.to(dtype))
 
     layers = []
     H = graph.cfg.n_heads
@@ -176,5 +177,6 @@ def make_plan(graph: Graph, keep: torch.Tensor, held: Held | None, device: torch
         row = graph.mlp_index(layer)
         mlp = read(graph.n_mlp_sources(layer), [graph.mlp_column(layer)]) if recompute[row] else None
         layers.append(LayerStep(index(heads) if heads else None, kv, tuple(groups), mlp, bool(everywhere[row])))
-    return Plan(held is None, tuple(layers), read(graph.n_forward, [logits_col]) if redo_logits else None,
-                index(dropped) if dropped else None, Held(keep, tuple(have)), tuple(recompute.nonzero().flatten().tolist()))
+    on_device = to_device((tuple(layers), read(graph.n_forward, [logits_col]) if redo_logits else None,
+                           index(dropped) if dropped else None), device)  # one copy per dtype
+    return Plan(held is None, *on_device, Held(keep, tuple(have)), tuple(recompute.nonzero().flatten().tolist()))

@@ -127,7 +127,8 @@ def test_slider_moves_synchronise_once_on_cuda():
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         ours = [w for w in caught if "synchroniz" in str(w.message) and str(w.filename).startswith(engine)]
-        assert len(ours) <= 2, [f"{w.filename}:{w.lineno}" for w in ours]  # the plan's upload, the result's read-back
+        # the result's read-back; the plan's copies come from pinned memory, asynchronously (eapcore.upload)
+        assert len(ours) <= 1, [f"{w.filename}:{w.lineno}" for w in ours]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")

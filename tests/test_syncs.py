@@ -7,7 +7,8 @@ device=...)``, ``.to(device)``). Here every tensor that would live on the model'
 weights, the evaluator's caches and everything computed from them, and tensors made with a ``device=``
 argument), and a ``TorchFunctionMode`` counts those operations when eapcore's own code performs them (the
 bridge's internals are not ours to change). The evaluation hot paths must read back only their result,
-once per call, and copy host data a fixed number of times per call, however many batches there are.
+once per call, and copy host data once per dtype per call (:mod:`eapcore.upload`), however many batches
+there are.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def test_evaluation_reads_back_once_and_uploads_once_per_call(engine, demo):
         for n in (5, 24, 100):  # a first evaluation, then slider moves
             syncs = _count(lambda: ev.evaluate(top_n(scores, n)))
             assert syncs.counts["read"] == 1 and syncs.counts["mask"] == 0, syncs.where
+            assert syncs.counts["upload"] <= 2, syncs.where  # one copy per dtype: indices, masks
             counts[batches, n] = syncs.counts["upload"]
     assert all(counts[4, n] == counts[1, n] for n in (5, 24, 100)), counts
 
@@ -137,7 +139,7 @@ def test_removals_read_back_once_and_upload_once_per_call(demo):
     for batches in (1, 4):
         ev = _evaluator(model, data[batches], "sparse", 16)
         syncs = _count(lambda: ev.without(removals))
-        assert syncs.counts["read"] == 1 and syncs.counts["mask"] == 0, syncs.where
+        assert syncs.counts["read"] == 1 and syncs.counts["mask"] == 0 and syncs.counts["upload"] <= 2, syncs.where
         uploads.append(syncs.counts["upload"])
     assert uploads[0] == uploads[1]
 
@@ -152,3 +154,27 @@ def test_the_counter_sees_what_it_counts(demo):
                      f"{ENGINE}/probe.py", "exec"), {"ablated": ablated, "torch": torch})
     assert syncs.counts == Counter(read=1, mask=1, upload=2), syncs.where
     assert _count(lambda: ev.evaluate(Circuit.full(ev.graph), reuse_clean=False)).counts["read"] == 1
+
+
+def test_to_device_copies_once_per_dtype_and_keeps_the_structure():
+    from dataclasses import dataclass
+
+    from eapcore.upload import to_device
+
+    @dataclass(frozen=True)
+    class Node:
+        index: torch.Tensor
+        mask: torch.Tensor | None
+        rows: slice
+
+    tree = ([Node(torch.tensor([3, 1]), torch.eye(2).T, slice(0, 2)), Node(torch.tensor([[5]]), None, slice(1, 3))],
+            {"k": torch.tensor([0.5, 1.5])}, None)
+    with Syncs() as syncs:
+        exec(compile("out = to_device(tree, torch.device('cpu'))", f"{ENGINE}/probe.py", "exec"),
+             namespace := {"to_device": to_device, "tree": tree, "torch": torch})
+    out = namespace["out"]
+    assert syncs.counts == Counter(upload=2), syncs.where  # int64 and float32
+    assert out[2] is None and out[0][0].rows == slice(0, 2) and out[0][1].mask is None
+    for ours, theirs in [(out[0][0].index, tree[0][0].index), (out[0][0].mask, tree[0][0].mask),
+                         (out[0][1].index, tree[0][1].index), (out[1]["k"], tree[1]["k"])]:
+        assert torch.equal(ours, theirs) and ours.shape == theirs.shape
