@@ -230,10 +230,10 @@ class Routes:
             outs, weights = next(iter(self.on_device.values()))
             self.on_device[h.device] = (outs.to(h.device), weights.to(h.device))
         outs, weights = self.on_device[h.device]
-        n = d.n_sources
-        for c in range(h.shape[2]):
-            block = (proximity(h[:, :, c], outs[:n]) * weights).sum((1, 2))  # [n]
-            self.acc.edges[:n, d.cols.start + c] += block.to(self.acc.edges.device)
+        sources = outs.narrow(0, 0, d.n_sources)  # narrow/select/unbind, not indexing: fake CUDA tensors allow them
+        for c, column in enumerate(h.unbind(2)):
+            block = (proximity(column, sources) * weights).sum((1, 2))  # [n_sources]
+            self.acc.edges.narrow(0, 0, d.n_sources).select(1, d.cols.start + c).add_(block.to(self.acc.edges.device))
 
 
 def proximity(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +242,7 @@ def proximity(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     in half precision they pass float16's 65504 (inf − inf) or keep 8 bits (bfloat16), and their difference
     is rounding noise."""
     wide = torch.float64 if h.dtype == torch.float64 else torch.float32
-    prox = (h.abs().sum(-1, dtype=wide) - (h[None] - x).abs().sum(-1, dtype=wide)).clamp_min(0)
+    prox = (h.abs().sum(-1, dtype=wide) - (h.unsqueeze(0) - x).abs().sum(-1, dtype=wide)).clamp_min(0)
     return prox / prox.sum(0, keepdim=True).clamp_min(torch.finfo(wide).tiny)
 
 
