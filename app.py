@@ -23,6 +23,7 @@ PAGES = [
     st.Page("pages/data.py", title="Data", icon=":material/table:"),
     st.Page("pages/attribute.py", title="Attribute", icon=":material/calculate:"),
     st.Page("pages/explore.py", title="Explore", icon=":material/hub:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]
 page = st.navigation(PAGES)

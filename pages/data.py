@@ -1,4 +1,5 @@
-"""Data page: a shipped task, an uploaded CSV, or typed pairs; token preview; baseline metrics."""
+"""Data page: a shipped task, an uploaded CSV or MIB task file (.jsonl/.json), or typed pairs; token preview;
+baseline metrics."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ st.caption(
 )
 
 SOURCES = ["Shipped task", "Upload CSV", "Type pairs"]
+SHOWN = {"Upload CSV": "Upload a file (CSV, MIB .jsonl/.json)"}
 s.setdefault("data_source", SOURCES[0])
 state.widget_value("w_data_source", "data_source")
-source = st.radio("Source", SOURCES, horizontal=True, key="w_data_source")
+source = st.radio("Source", SOURCES, horizontal=True, key="w_data_source", format_func=lambda o: SHOWN.get(o, o))
 s.data_source = source
 
 
@@ -45,12 +47,17 @@ if source == "Shipped task":
         with state.guard(f"Task {task}"):
             use(PromptPairs.from_csv(TASKS[task].csv), f"task: {task}", TASKS[task].metric)
 elif source == "Upload CSV":
-    upload = st.file_uploader("CSV with columns clean, corrupted, correct, incorrect", type=["csv"], key="w_csv")
+    upload = st.file_uploader(
+        "A CSV with columns clean, corrupted, correct, incorrect, or a task file of MIB's (.jsonl or .json, as "
+        "`datasets` writes it; also as a CSV of flattened columns)", type=["csv", "jsonl", "json"], key="w_csv",
+        help="MIB's IOI, MCQA, ARC and arithmetic datasets are read as MIB's loader reads them: clean ← prompt, "
+             "corrupted ← the default counterfactual's prompt, correct and incorrect ← the answers (docs/mib.md)")
     if upload is not None and s.get("applied_upload") != upload.file_id:
         s.applied_upload, s.upload_error = upload.file_id, None
         try:
-            upload.seek(0)  # read in place: no copy of the file, at most MAX_ROWS + 1 rows parsed
-            use(PromptPairs.from_csv(upload), f"file: {upload.name}")
+            upload.seek(0)  # read in place: no copy of the file, at most MAX_ROWS + 1 rows parsed (CSV)
+            is_json = upload.name.lower().endswith((".jsonl", ".json"))
+            use((PromptPairs.from_json if is_json else PromptPairs.from_csv)(upload), f"file: {upload.name}")
         except Exception as e:  # noqa: BLE001 - shown below while this file stays selected
             s.upload_error = f"{upload.name} was not loaded: {e}"
     if upload is not None and s.get("upload_error"):

@@ -10,7 +10,7 @@ import streamlit as st
 from eapcore.models import model_graph
 from eapcore.select import NODES, unit_of
 from eapcore.sizes import log_grid, unit_count
-from ui import cache, current, figures, state, widgets
+from ui import areas, cache, current, figures, per_prompt, robustness, state, verification, widgets
 from ui.provenance import UNDEFINED, fmt_faithfulness
 
 state.require_entry()
@@ -131,7 +131,15 @@ def panel() -> None:
                        + ", ".join(f"{p:g}% → {n}" for p, n in zip(mib.percents, mib.n_edges)) + f" of {total} nodes.")
         widgets.metric_row({"CPR (area under f)": f"{mib.cpr:.4f}", "CMD (area under |1 - f|)": f"{mib.cmd:.4f}"},
                            {"CPR (area under f)": widgets.CPR_HELP, "CMD (area under |1 - f|)": widgets.CMD_HELP})
+        areas.expander(evaluator)
 
 
 panel()
+for title, key, show in (("Verify: estimates against exact patching", "w_verify_open", verification.panel),
+                         ("Per prompt: each pair's faithfulness", "w_per_prompt_open", per_prompt.panel),
+                         ("Robustness: every intervention", "w_robustness_open", robustness.panel)):
+    box = st.expander(title, key=key, on_change="rerun")  # computed only while open
+    if box.open:
+        with box, state.guard(f"{title.split(':')[0]} failed"):
+            show(evaluator)
 st.page_link("pages/export.py", label="Export this circuit", icon=":material/download:")

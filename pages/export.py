@@ -1,13 +1,15 @@
-"""Export page: download the current circuit (.pt, .json, PNG) and the curve (PNG); import a circuit."""
+"""Export page: download the current circuit (.pt, .json, PNG) and the curve (PNG); import a circuit;
+write the session's runs as an MIB submission (.zip) and check one."""
 
 from __future__ import annotations
 
 import streamlit as st
 
+from eapcore.mib import MODELS as MIB_MODELS
 from eapcore.models import model_graph
 from eapcore.select import NODES, unit_of
 from eapcore.sizes import unit_count
-from ui import cache, current, exports, figures, state, widgets
+from ui import cache, current, exports, figures, runs, state, submission, widgets
 from ui.provenance import fmt_faithfulness, picture_title, run_details
 
 state.require_entry()
@@ -90,3 +92,62 @@ if imported:
             state.set_scores(imp_scores, imported["key"], f"imported {imported['name']}", size,
                              pinned={"circuit": imp_circuit, "name": imported["name"]})
             st.switch_page("pages/explore.py")
+
+st.divider()
+st.subheader("Submit to MIB")
+st.caption("MIB's circuit track takes one folder per `{task}_{model}` (e.g. `ioi_gpt2`) holding one file of importance "
+           "scores for every edge, or 9 binary circuits at MIB's sizes; upload it to a public Hugging Face repository "
+           "and submit its URL on the leaderboard. The leaderboard ranks the scores both ways: CPR from the signed "
+           "ranking, CMD from the absolute one (Explore: “CPR and CMD both ways”).")
+keys = list(runs.runs())
+if not keys:
+    st.info("No runs yet: run an attribution (or import a circuit above and explore it).")
+else:
+    s.w_mib_runs = [k for k in s.get("w_mib_runs", [s.get("scores_key")]) if k in keys]
+    chosen = st.multiselect("Runs to submit", keys, key="w_mib_runs", format_func=runs.labels().get,
+                            help="One run per task and model")
+    entries = []
+    for key in chosen:
+        run_scores = runs.runs()[key]["scores"]
+        same_data = s.get("pairs") is not None and run_scores.provenance.get("data") == s.pairs.fingerprint()
+        task = submission.suggested_task(run_scores, s.get("data_label") if same_data else None)
+        model = submission.suggested_model(run_scores)
+        tasks, models = submission.task_options(task), [*MIB_MODELS, *([model] if model not in MIB_MODELS else [])]
+        c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
+        c1.markdown(f"**{runs.label(key)}**")
+        task = c2.selectbox("MIB task", tasks, index=tasks.index(task) if task in tasks else None, key=f"w_mib_task_{key}",
+                            accept_new_options=True, placeholder="choose or type a task",
+                            help="MIB's task names; another name is written as given (the leaderboard skips it)")
+        model = c3.selectbox("MIB model", models, index=models.index(model), key=f"w_mib_model_{key}",
+                             accept_new_options=True, help="MIB's model names; a run of another model is checked for "
+                                                           "everything but MIB's edge count")
+        entries.append((runs.label(key), run_scores, task, model))
+    o1, o2, o3 = st.columns(3)
+    circuits = o1.toggle("Binary circuits at MIB's sizes", key="w_mib_circuits",
+                         help="9 files, the top edges at 0.1, 0.2, 0.5, 1, 2, 5, 10, 20 and 50% of the graph (pruned); "
+                              "off: one file of importance scores, which MIB ranks both ways itself")
+    absolute = o2.toggle("Rank by |score|", value=True, key="w_mib_absolute", disabled=not circuits,
+                         help="How the binary circuits choose their edges; off: by signed score")
+    fmt = o3.radio("Format", ["pt", "json"], horizontal=True, key="w_mib_format")
+    settings = (tuple((k, t, m) for k, (_, _, t, m) in zip(chosen, entries)), circuits, absolute, fmt)
+    if st.button("Write the submission", icon=":material/folder_zip:", key="write_mib", disabled=not chosen):
+        with state.guard("The submission was not written"):
+            missing = [label for label, _, task, _ in entries if not task]
+            if missing:
+                raise ValueError(f"choose or type an MIB task for {', '.join(missing)}")
+            blob, report = submission.write_zip(entries, circuits, fmt, absolute)
+            s.mib_zip = {"settings": settings, "bytes": blob, "report": report}
+    made = s.get("mib_zip")
+    if made is not None and made["settings"] == settings:
+        submission.show_report(made["report"])
+        st.download_button("MIB submission (.zip)", made["bytes"], f"{submission.FOLDER}.zip", "application/zip",
+                           on_click="ignore", icon=":material/download:")
+
+st.markdown("**Check a submission**")
+check = st.file_uploader("A submission folder as a .zip (the folder that holds the `{task}_{model}` folders)",
+                         type=["zip"], key="w_mib_check")
+if check is not None:
+    with state.guard(f"{check.name} was not checked"):
+        if s.get("mib_checked", {}).get("id") != check.file_id:
+            s.mib_checked = {"id": check.file_id, "report": submission.check_zip(check.name, check.getvalue())}
+        submission.show_report(s.mib_checked["report"])

@@ -21,7 +21,7 @@ from eapcore.attribute import AttributionSpec, attribute
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import PromptPairs, TokenizedPairs
 from eapcore.curve import MIB_PERCENTS, Curve
-from eapcore.evaluate import CircuitEvaluator
+from eapcore.evaluate import CircuitEvaluator, normalized
 from eapcore.gap import faithfulness, no_gap
 from eapcore.memory import parameter_count
 from eapcore.methods import get_method
@@ -214,6 +214,55 @@ def get_curves(
             progress(i, len(todo))
         done[n] = evaluate_top(evaluator, scores, n, absolute).faithfulness
     return tuple(Curve(tuple(p), tuple(sizes), tuple(done[n] for n in sizes)) for p, sizes in grids)
+
+
+@st.cache_resource(show_spinner=False)
+def checks() -> Store:
+    """Trust-check results (verify, per prompt, robustness, compare) by run, circuit, data, metric and settings."""
+    return Store(64)
+
+
+@st.cache_resource(show_spinner=False)
+def circuit_metrics() -> Store:
+    """Per-example metrics ``[n_examples]`` of evaluated circuits by (model, evaluator key, circuit)."""
+    return Store(1024)
+
+
+def circuit_key(circuit: Circuit) -> str:
+    """A content hash of a circuit's masks."""
+    h = hashlib.sha256()
+    for mask in (circuit.edges, circuit.nodes, circuit.neurons):
+        h.update(b"-" if mask is None else mask.cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class Remembering:
+    """An evaluator whose circuits' per-example metrics are kept in :func:`circuit_metrics` (shared by all
+    sessions), so a check that was interrupted goes on from the circuits it finished and one run again is
+    instant; everything else is the wrapped evaluator's. Callers must not modify the tensors returned."""
+
+    def __init__(self, spec: ModelSpec, evaluator: CircuitEvaluator) -> None:
+        self.evaluator, self._key = evaluator, (astuple(spec), *evaluator_key(evaluator))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.evaluator, name)
+
+    def evaluate(self, circuit: Circuit, reuse_clean: bool = True) -> Any:
+        key = (*self._key, circuit_key(circuit), reuse_clean)
+        value = circuit_metrics().get(key)
+        if value is None:
+            value = self.evaluator.evaluate(circuit, reuse_clean)
+            circuit_metrics().put(key, value)
+        return value
+
+    def faithfulness(self, circuit: Circuit) -> float:
+        return normalized(self.evaluate(circuit).mean().item(), self.evaluator.baseline().clean,
+                          self.evaluator.empty_metric())
+
+
+def remembering(spec: ModelSpec, pairs: PromptPairs, metric: str, intervention: str = "patching") -> Remembering:
+    """:func:`get_evaluator`'s evaluator, remembering the circuits it evaluates."""
+    return Remembering(spec, get_evaluator(spec, pairs, metric, intervention))
 
 
 def model_facts(spec: ModelSpec) -> dict[str, Any]:

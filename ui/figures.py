@@ -252,3 +252,101 @@ def token_diff_html(rows: Sequence[tuple[str, str, bool]], unk: str | None = Non
     corr = "".join(chip(b, d, "corrupted") for _, b, d in rows)
     label = 'style="display:inline-block;width:5.5em;font-size:0.8em;color:#6b7280"'
     return f'<div><span {label}>clean</span>{clean}</div><div><span {label}>corrupted</span>{corr}</div>'
+
+
+# ----- trust checks: runs compared, estimates verified, prompts, interventions -----
+
+RUNS = ("#3b82f6", "#f97316", "#10b981", "#a855f7", "#ef4444", "#eab308", "#06b6d4", "#ec4899")
+COMPLEMENT = "#9ca3af"
+
+
+def curves_figure(curves: dict[str, Any]) -> Any:
+    """The faithfulness curves of several runs (label -> :class:`~eapcore.curve.Curve`) on one log axis of
+    percentages of the graph's edges."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, (label, curve) in enumerate(curves.items()):
+        fig.add_trace(go.Scatter(
+            x=list(curve.percents), y=list(curve.faithfulness), mode="lines+markers", name=label,
+            line={"color": RUNS[i % len(RUNS)]}, customdata=list(zip(curve.n_edges, curve.percents)),
+            hovertemplate=f"{html.escape(label)}<br>%{{customdata[0]}} edges (%{{customdata[1]:.3g}}%)<br>"
+                          "f = %{y:.4f}<extra></extra>",
+        ))
+    fig.add_hline(y=1.0, line={"dash": "dot", "color": GUIDE, "width": 1})
+    fig.update_layout(
+        xaxis={"title": {"text": _x_title(EDGES, None)}, "type": "log", "tickvals": list(PERCENT_TICKS),
+               "ticktext": [percent_label(p) for p in PERCENT_TICKS]},
+        yaxis={"title": {"text": "faithfulness"}}, height=400, margin={"l": 50, "r": 20, "t": 30, "b": 50},
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
+def overlap_figure(labels: Sequence[str], overlap: Sequence[Sequence[float]], size: str) -> Any:
+    """Heatmap of the circuits' pairwise overlap (intersection over union, 0 to 1) at one size."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(
+        z=[list(row) for row in overlap], x=list(labels), y=list(labels), zmin=0.0, zmax=1.0, colorscale="Blues",
+        text=[[f"{v:.2f}" for v in row] for row in overlap], texttemplate="%{text}",
+        hovertemplate="%{y}<br>%{x}<br>overlap (IoU) %{z:.3f}<extra></extra>", colorbar={"title": {"text": "IoU"}},
+    ))
+    fig.update_layout(title={"text": f"Overlap of the circuits at {size}", "font": {"size": 13}},
+                      yaxis={"autorange": "reversed"}, height=max(300, 60 * len(labels) + 180),
+                      margin={"l": 20, "r": 20, "t": 40, "b": 20})
+    return fig
+
+
+def verify_figure(edges: Sequence[Any]) -> Any:
+    """Scatter of each edge's estimate (its score) against the exact effect of removing it, with the
+    identity line; ``edges`` are :class:`~eapcore.verify.EdgeCheck`."""
+    import plotly.graph_objects as go
+
+    xs, ys = [e.estimate for e in edges], [e.exact for e in edges]
+    lo, hi = min(xs + ys + [0.0]), max(xs + ys + [0.0])
+    fig = go.Figure([
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="estimate = exact",
+                   line={"dash": "dot", "color": GUIDE, "width": 1}, hoverinfo="skip"),
+        go.Scatter(x=xs, y=ys, mode="markers", name="edges", marker={"color": CURVE, "size": 8},
+                   text=[e.edge for e in edges],
+                   hovertemplate="%{text}<br>estimate %{x:.4g}<br>exact %{y:.4g}<extra></extra>"),
+    ])
+    fig.update_layout(xaxis={"title": {"text": "estimate (the run's score)"}},
+                      yaxis={"title": {"text": "exact (loss change when the edge alone is removed)"}},
+                      height=420, margin={"l": 60, "r": 20, "t": 20, "b": 50}, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def histogram_figure(values: Sequence[float], label: str = "faithfulness of each pair") -> Any:
+    """Histogram of per-pair values (NaN left out), with the lines at 0 and 1."""
+    import plotly.graph_objects as go
+
+    kept = [v for v in values if v == v]
+    fig = go.Figure(go.Histogram(x=kept, marker={"color": CURVE}, nbinsx=min(60, max(10, len(kept) // 4)),
+                                 hovertemplate="%{x}<br>%{y} pairs<extra></extra>"))
+    for x in (0.0, 1.0):
+        fig.add_vline(x=x, line={"dash": "dot", "color": GUIDE, "width": 1})
+    fig.update_layout(xaxis={"title": {"text": label}}, yaxis={"title": {"text": "pairs"}}, bargap=0.05,
+                      height=320, margin={"l": 50, "r": 20, "t": 20, "b": 50})
+    return fig
+
+
+def robustness_figure(results: Sequence[Any]) -> Any:
+    """Bars of the circuit's and its complement's faithfulness under each intervention (those with values);
+    ``results`` are :class:`~eapcore.robustness.InterventionResult`."""
+    import plotly.graph_objects as go
+
+    shown = [r for r in results if r.faithfulness is not None]
+    names = [r.intervention for r in shown]
+    fig = go.Figure([
+        go.Bar(x=names, y=[r.faithfulness for r in shown], name="circuit", marker={"color": CURVE},
+               hovertemplate="%{x}<br>circuit f = %{y:.4f}<extra></extra>"),
+        go.Bar(x=names, y=[r.complement_faithfulness for r in shown], name="complement", marker={"color": COMPLEMENT},
+               hovertemplate="%{x}<br>complement f = %{y:.4f}<extra></extra>"),
+    ])
+    fig.add_hline(y=1.0, line={"dash": "dot", "color": GUIDE, "width": 1})
+    fig.update_layout(barmode="group", xaxis={"title": {"text": "intervention (what removed edges carry)"}},
+                      yaxis={"title": {"text": "faithfulness"}}, height=360,
+                      margin={"l": 50, "r": 20, "t": 20, "b": 50}, legend={"orientation": "h", "y": -0.25})
+    return fig

@@ -38,9 +38,9 @@ def run_label(provenance: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def run_details(provenance: dict[str, Any], edges: int, nodes: int) -> dict[str, str]:
+def run_details(provenance: dict[str, Any], edges: int | None = None, nodes: int | None = None) -> dict[str, str]:
     """What an imported file says about its run, for a small table: model, method, steps, level,
-    intervention, metric, data, pairs, and the stored circuit's edges and nodes."""
+    intervention, metric, data, pairs, and (when given) the stored circuit's edges and nodes."""
     p = provenance
     method = p.get("method")
     steps = p.get("ig_steps") if method in METHODS and get_method(method).steps else None
@@ -48,7 +48,7 @@ def run_details(provenance: dict[str, Any], edges: int, nodes: int) -> dict[str,
     rows = {
         "model": p.get("model"), "method": method, "IG steps": steps, "level": p.get("level"),
         "intervention": p.get("intervention"), "metric": p.get("metric") if uses_metric(p) else "not used",
-        "data": data, "pairs": p.get("n_examples"), "circuit": f"{edges:,} edges, {nodes} nodes",
+        "data": data, "pairs": p.get("n_examples"), "circuit": None if edges is None else f"{edges:,} edges, {nodes} nodes",
     }
     return {k: str(v) for k, v in rows.items() if v not in (None, "")}
 

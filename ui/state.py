@@ -90,12 +90,31 @@ def set_data(pairs: PromptPairs, label: str, metric: str | None = None) -> None:
     s.pop("default_data_error", None)
 
 
+def distinct_label(label: str, key: str) -> str:
+    """``label``, or ``label (2)``, ``(3)``, ... when another run of the session already has it."""
+    taken = {run["label"] for k, run in st.session_state.get("runs", {}).items() if k != key}
+    n, out = 1, label
+    while out in taken:
+        n += 1
+        out = f"{label} ({n})"
+    return out
+
+
+def add_run(scores: Any, key: str, label: str) -> str:
+    """Add ``scores`` to the session's runs without selecting them (a run added again keeps its place and
+    its label); returns the run's label, made distinct from the other runs'."""
+    runs = st.session_state.setdefault("runs", {})
+    label = runs[key]["label"] if key in runs else distinct_label(label, key)
+    runs[key] = {"label": label, "scores": scores}
+    return label
+
+
 def set_scores(scores: Any, key: str, label: str, n_edges: int | None = None, pinned: dict | None = None) -> None:
-    """Add ``scores`` to the session's runs (a run made again keeps its place) and select it: Explore and
-    Export show it. ``n_edges`` presets the slider; ``pinned`` (``{"circuit", "name"}``) is an imported
-    circuit that Explore shows as saved until the size changes."""
+    """Add ``scores`` to the session's runs (:func:`add_run`) and select it: Explore and Export show it.
+    ``n_edges`` presets the slider; ``pinned`` (``{"circuit", "name"}``) is an imported circuit that
+    Explore shows as saved until the size changes."""
     s = st.session_state
-    s.setdefault("runs", {})[key] = {"label": label, "scores": scores}
+    label = add_run(scores, key, label)
     level_changed = s.get("scores") is not None and s.scores.provenance.get("level") != scores.provenance.get("level")
     s.scores, s.scores_key, s.scores_label = scores, key, label
     s.pop("pinned", None)
@@ -137,7 +156,7 @@ CANCEL = "cancel_requested"
 
 @contextlib.contextmanager
 def interruptible(what: str, cancel_slot: Any = None) -> Iterator[None]:
-    """Mark a long call (``what``, e.g. "Attribution") as running. A click on Cancel (or on any other
+    """Mark a long call (``what``, e.g. "Attribution", "Verify") as running. A click on Cancel (or on any other
     widget) makes Streamlit stop this run by raising at its next ``st.*`` call (from the progress
     callback); the engine's ``finally`` blocks remove the hooks and release the model lock on the way
     out, and the mark stays set, so the next run can say so (:func:`show_interrupted`). The session's
@@ -168,7 +187,10 @@ def show_interrupted() -> None:
     """Say that the previous run of a long call was cancelled (or interrupted by leaving the page)."""
     s = st.session_state
     what, cancelled = s.pop(RUNNING, None), s.pop(CANCEL, False)
-    kept = "the previous scores are kept." if s.get("scores") is not None else "no scores were changed."
+    if what == "Attribution":
+        kept = "the previous scores are kept." if s.get("scores") is not None else "no scores were changed."
+    else:  # the checks keep every circuit they evaluated (ui.cache.remembering)
+        kept = "what it finished is kept, so running it again goes on from there."
     if what and cancelled:
         st.info(f"{what} cancelled; {kept}", icon=":material/cancel:")
     elif what:
