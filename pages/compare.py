@@ -18,22 +18,23 @@ st.caption("Do other methods, steps or interventions find the same circuit? Runs
 if not widgets.need("pairs"):
     st.stop()
 
-st.subheader("Runs of this session")
-runs.show_and_remove()
-uploads = st.file_uploader("Import runs: `.pt` or `.json` circuit files for the loaded model (read with "
-                           "`weights_only=True`, never unpickled)", type=["pt", "json"], accept_multiple_files=True,
-                           key="w_compare_files")
-imported = s.setdefault("compare_imports", {})  # file id -> {"key"} or {"error"}
-for upload in uploads or []:
-    if upload.file_id not in imported:
-        try:
-            imported[upload.file_id] = {"key": runs.import_file(upload)}
-            for name in ("compare_runs", "w_compare_runs"):  # compare it too
-                s[name] = [*s.get(name, []), imported[upload.file_id]["key"]]
-        except ValueError as e:
-            imported[upload.file_id] = {"error": str(e)}
-    if "error" in imported[upload.file_id]:
-        st.error(imported[upload.file_id]["error"], icon=":material/error:")
+with st.expander(f"Runs of this session ({len(runs.runs())}): remove one, or import circuit files",
+                 expanded=len(runs.edge_runs()) < 2, icon=":material/list:"):
+    runs.show_and_remove()
+    uploads = st.file_uploader("Import runs: `.pt` or `.json` circuit files for the loaded model (read with "
+                               "`weights_only=True`, never unpickled)", type=["pt", "json"], accept_multiple_files=True,
+                               key="w_compare_files")
+    imported = s.setdefault("compare_imports", {})  # file id -> {"key"} or {"error"}
+    for upload in uploads or []:
+        if upload.file_id not in imported:
+            try:
+                imported[upload.file_id] = {"key": runs.import_file(upload)}
+                for name in ("compare_runs", "w_compare_runs"):  # compare it too
+                    s[name] = [*s.get(name, []), imported[upload.file_id]["key"]]
+            except ValueError as e:
+                imported[upload.file_id] = {"error": str(e)}
+        if "error" in imported[upload.file_id]:
+            st.error(imported[upload.file_id]["error"], icon=":material/error:")
 
 options = runs.edge_runs()
 if not options:
@@ -76,7 +77,8 @@ st.plotly_chart(figures.curves_figure(c.curves), width="stretch")
 st.subheader("CPR and CMD")
 helps = comparison.area_help(found)
 st.dataframe(comparison.area_rows(found), hide_index=True, width="stretch", column_config={
-    name: st.column_config.NumberColumn(name, help=text, format="%.4f") for name, text in helps.items()})
+    "run": st.column_config.TextColumn("run", width="medium"),
+    **{name: st.column_config.NumberColumn(name, help=text, format="%.4f") for name, text in helps.items()}})
 st.markdown(NOTE)
 
 st.subheader("Overlap of the circuits")
@@ -101,13 +103,16 @@ if len(c.labels) > 1:
         st.stop()
     by_label = {runs.label(k): runs.runs()[k]["scores"] for k in chosen}
     only_a, only_b = comparison.only_in(by_label[a], by_label[b], size, absolute)
+    overlap = comparison.overlap_matrix(c, index)[c.labels.index(a)][c.labels.index(b)]
     widgets.metric_row({"Spearman ρ (all edges)": f"{comparison.spearman_of(c, a, b):.3f}",
-                        f"Overlap at {size:g}%": f"{comparison.overlap_matrix(c, index)[c.labels.index(a)][c.labels.index(b)]:.3f}",
-                        "Only in A": str(len(only_a)), "Only in B": str(len(only_b))},
+                        f"Overlap at {size:g}%": f"{overlap:.3f}", "Only in A": str(len(only_a)),
+                        "Only in B": str(len(only_b))},
                        {"Spearman ρ (all edges)": "Rank correlation of the two runs' ranking values over every real edge."})
-    d1.markdown(f"**Edges only A's circuit has** at {size:g}%")
-    d1.dataframe(only_a, hide_index=True, width="stretch", height=260)
-    d2.markdown(f"**Edges only B's circuit has** at {size:g}%")
-    d2.dataframe(only_b, hide_index=True, width="stretch", height=260)
+    for col, name, rows in zip(st.columns(2), "AB", (only_a, only_b)):
+        col.markdown(f"**Edges only {name}'s circuit has** at {size:g}%")
+        if rows:
+            col.dataframe(rows, hide_index=True, width="stretch", height=min(38 + 35 * len(rows), 300))
+        else:
+            col.caption(f"None: every edge of {name}'s circuit is in the other's.")
     st.markdown("**Top disagreements**: the edges whose ranks differ most between A and B (1 = ranked first)")
     st.dataframe(comparison.disagreement_rows(c, a, b), hide_index=True, width="stretch")

@@ -176,3 +176,21 @@ def test_bench_explorer_times_a_real_browser(capsys: pytest.CaptureFixture[str])
     record = bench_explorer.main(["--pairs", "16", "--moves", "3", "--chromium", CHROMIUM])
     assert last_json(capsys) == json.loads(json.dumps(record))
     assert record["pairs"] == 16 and record["run_to_graph_s"] > 0 and record["moves_counted"] == len(record["moves"])
+
+
+def test_bench_panels_times_the_app_checks(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    import bench_panels
+    import pandas as pd
+
+    from conftest import TOY
+
+    pd.DataFrame(TOY).to_csv(tmp_path / "toy.csv", index=False)
+    before = os.environ.get("EAPCORE_APP_MODEL")
+    record = bench_panels.main(["--model", str(tiny_dir), "--data", str(tmp_path / "toy.csv"), "--pairs", "6",
+                                "--repeats", "1", "--top-k", "3"])
+    assert os.environ.get("EAPCORE_APP_MODEL") == before  # the app's environment is restored
+    for name in ("move", "verify", "per_prompt", "robustness", "compare", "areas", "compare_kept"):
+        assert record[f"{name}_ms"] > 0
+    assert last_json(capsys) == record

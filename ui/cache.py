@@ -111,6 +111,10 @@ class Store:
         with self._lock:
             return key in self._items
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
 
 @st.cache_resource(show_spinner=False)
 def results() -> Store:

@@ -53,7 +53,7 @@ def panel(evaluator: CircuitEvaluator) -> None:
     lo, hi = found.interval
     undefined = int(found.pair_faithfulness.isnan().sum())
     widgets.metric_row({"Faithfulness (all pairs)": fmt(found.faithfulness),
-                        "95% interval": UNDEFINED if lo != lo else f"[{lo:.4f}, {hi:.4f}]",
+                        "95% interval": UNDEFINED if lo != lo else f"{lo:.3f} – {hi:.3f}",
                         "Pairs": str(n), "Pairs undefined": str(undefined)}, HELP)
     st.plotly_chart(figures.histogram_figure(found.pair_faithfulness.tolist()), width="stretch")
     rows = [{"pair": i + 1, f"circuit {metric}": m, f"clean {metric}": c, f"corrupted {metric}": k, "faithfulness": f}
@@ -62,7 +62,8 @@ def panel(evaluator: CircuitEvaluator) -> None:
     st.dataframe(rows, hide_index=True, width="stretch", height=280, column_config={
         "faithfulness": st.column_config.NumberColumn("faithfulness", help=PAIR_HELP, format="%.4f")})
     st.caption("Click a column's name to sort by it (e.g. faithfulness, to find the pairs the circuit fails on).")
-    i = int(st.number_input("Pair to show", min_value=1, max_value=n, value=1, step=1, key="w_prompt_pair")) - 1
+    i = int(st.columns([1, 3])[0].number_input("Pair to show", min_value=1, max_value=n, value=1, step=1,
+                                                 key="w_prompt_pair")) - 1
     pairs = s.pairs
     tokenizer = cache.get_model(s.model_spec).tokenizer
     answers = html.escape(f"correct {', '.join(pairs.correct[i])} · incorrect {', '.join(pairs.incorrect[i])}")

@@ -28,7 +28,7 @@ def panel(evaluator: CircuitEvaluator) -> None:
     key = ("robustness", astuple(s.model_spec), s.scores_key, cache.circuit_key(circuit), evaluator.data.fingerprint,
            metric, evaluator.batch_size)
     found = cache.checks().get(key)
-    c1, c2 = st.columns([1, 4], vertical_alignment="bottom")
+    c1, c2 = st.columns([1.6, 4], vertical_alignment="bottom")
     if found is None and c1.button("Run every intervention", type="primary", icon=":material/science:",
                                    key="run_robustness"):
         def compute(tick: progress.Progress) -> tuple[InterventionResult, ...]:
