@@ -62,12 +62,10 @@ if not ready:
 st.caption(f"Evaluated on {s.data_label} ({len(s.pairs)} pairs) with `{evaluator.metric.name}` and "
            f"`{evaluator.intervention_kind}` (the first run's metric and intervention).")
 key = comparison.key(evaluator, chosen, absolute)
-found = cache.checks().get(key)
-b1, b2 = st.columns([1, 4], vertical_alignment="bottom")
-if found is None and b1.button("Compare", type="primary", icon=":material/compare_arrows:", key="run_compare"):
-    with state.guard("Compare failed"):
-        found = progress.kept(key, "Compare", lambda tick: comparison.compute(evaluator, chosen, absolute, tick),
-                              "circuits", b2.empty())
+found = None
+with state.guard("Compare failed"):
+    found = progress.button("Compare", "run_compare", ":material/compare_arrows:", key, "Compare",
+                            lambda tick: comparison.compute(evaluator, chosen, absolute, tick))
 if found is None:
     st.stop()
 

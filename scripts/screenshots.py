@@ -133,6 +133,96 @@ def _export(page: Any) -> None:
     open_page(page, "Export")
 
 
+def choose(page: Any, label: str, option: str) -> None:
+    """Pick ``option`` in the select box labelled ``label``."""
+    page.get_by_test_id("stSelectbox").filter(has_text=label).first.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    settle(page, 300)
+
+
+def runs(page: Any, methods: Sequence[str] = ("EAP", "clean-corrupted", "EAP-IG-inputs")) -> None:
+    """One run of each method (the last is the one Explore shows), staying on the Attribute page."""
+    from playwright.sync_api import expect
+
+    open_page(page, "Attribute")
+    if page.get_by_role("checkbox", name="Open Explore when done").is_checked():
+        page.get_by_text("Open Explore when done").click()
+        settle(page, 200)
+    for method in methods:
+        choose(page, "Method", method)
+        page.get_by_role("button", name="Run attribution").click()
+        expect(page.get_by_test_id("stSidebar").get_by_text(re.compile(rf"^Scores: {re.escape(method)}[ ,]"))).to_be_visible(
+            timeout=TIMEOUT_MS)
+        settle(page)
+
+
+def panel(page: Any, title: str, button: str | None, done: str) -> None:
+    """Open Explore's panel ``title``, click its ``button`` (if any), wait for ``done`` and bring it to the top."""
+    from playwright.sync_api import expect
+
+    runs(page)
+    open_page(page, "Explore")
+    expect(page.get_by_text("CPR (area under f)").first).to_be_visible(timeout=TIMEOUT_MS)
+    page.get_by_text(title).click()
+    settle(page)
+    if button:
+        page.get_by_role("button", name=button, exact=True).click()
+    expect(page.get_by_text(done).first).to_be_attached(timeout=TIMEOUT_MS)  # (a table cell is drawn on a canvas)
+    settle(page, 1000)
+    to_top(page, title)
+
+
+def to_top(page: Any, text: str) -> None:
+    """Scroll the page so that ``text`` is at the top, just below the app's header."""
+    page.get_by_text(text, exact=True).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.mouse.move(page.viewport_size["width"] // 2, page.viewport_size["height"] // 2)
+    page.mouse.wheel(0, -70)
+    settle(page, 600)
+
+
+def _verify(page: Any) -> None:
+    panel(page, "Verify: estimates against exact patching", "Verify", "The worst-estimated edges")
+
+
+def _per_prompt(page: Any) -> None:
+    panel(page, "Per prompt: each pair's faithfulness", None, "95% interval")
+
+
+def _robustness(page: Any) -> None:
+    panel(page, "Robustness: every intervention", "Run every intervention", "circuit faithfulness")
+
+
+def _areas(page: Any) -> None:
+    panel(page, "CPR and CMD both ways: MIB's leaderboard, its public script", None, "MIB's leaderboard reports")
+
+
+def _compare(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    runs(page)
+    open_page(page, "Compare")
+    button = page.get_by_role("button", name="Compare", exact=True)
+    if button.count():
+        button.click()
+    expect(page.get_by_text("Overlap of the circuits at 5%")).to_be_visible(timeout=TIMEOUT_MS)
+    settle(page, 1500)
+
+
+def _compare_overlap(page: Any) -> None:
+    _compare(page)
+    to_top(page, "Overlap of the circuits")
+
+
+def _export_mib(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    run_attribution(page)
+    open_page(page, "Export")
+    page.get_by_role("button", name="Write the submission").click()
+    expect(page.get_by_text(re.compile("Passes MIB's format check"))).to_be_visible(timeout=TIMEOUT_MS)
+    to_top(page, "Submit to MIB")
+
+
 SHOTS = [
     Shot("explore", "Explore: the slider, the numbers and the circuit graph", _explore, height=1250),
     Shot("explore-curve", "Explore: the faithfulness curve with CPR and CMD", _explore_curve, height=1000),
@@ -142,6 +232,13 @@ SHOTS = [
     Shot("export", "Export page", _export, height=900),
     Shot("explore-dark", "Explore in the dark theme", _explore, height=1250, scheme="dark"),
     Shot("explore-phone", "Explore's circuit graph on a phone-sized screen", _explore_graph, width=390, height=844),
+    Shot("compare", "Compare: three runs' curves and CPR/CMD both ways", _compare, height=1400),
+    Shot("compare-overlap", "Compare: the overlap heatmap and where two runs differ", _compare_overlap, height=1250),
+    Shot("explore-verify", "Explore's Verify panel: estimates against exact patching", _verify, height=1150),
+    Shot("explore-per-prompt", "Explore's Per prompt panel: each pair, with the bootstrap interval", _per_prompt, height=1250),
+    Shot("explore-robustness", "Explore's Robustness panel: every intervention", _robustness, height=900),
+    Shot("explore-areas", "Explore: CPR and CMD both ways, as MIB's leaderboard and its public script", _areas, height=700),
+    Shot("export-mib", "Export: an MIB submission written and checked", _export_mib, height=1000),
 ]
 
 

@@ -163,7 +163,8 @@ def test_robustness_panel_equals_eapcore_robustness(engine) -> None:
     close(table["circuit faithfulness"], [nan if r.faithfulness is None else r.faithfulness for r in want], 1e-4)
     close(table["complement faithfulness"],
           [nan if r.complement_faithfulness is None else r.complement_faithfulness for r in want], 1e-4)
-    assert list(table["note"]) == [r.note or "" for r in want]
+    captions = [c.value for c in at.caption]
+    assert all(f"{r.intervention}: {r.note}" in captions for r in want if r.note)
     bars = figure(at, "bar")["data"]
     assert bars[0]["x"] == [r.intervention for r in want if r.faithfulness is not None]
 
@@ -172,10 +173,9 @@ def test_cpr_and_cmd_both_ways_equal_mib_curves(engine) -> None:
     at = open_panel(run_attribution(new_app()), "w_areas_open")
     mib = mib_curves(reference(engine), at.session_state["scores"])
     for axis in ("log", "linear"):
-        board = mib.leaderboard(axis)
-        where = "board" if axis == "log" else "board pair"
-        assert num(metric_value(at, f"CPR · {where} (signed, {axis})")) == pytest.approx(board["CPR"], abs=1e-4)
-        assert num(metric_value(at, f"CMD · {where} (absolute, {axis})")) == pytest.approx(board["CMD"], abs=1e-4)
+        board, mark = mib.leaderboard(axis), " (board)" if axis == "log" else ""
+        assert num(metric_value(at, f"CPR · signed, {axis}{mark}")) == pytest.approx(board["CPR"], abs=1e-4)
+        assert num(metric_value(at, f"CMD · absolute, {axis}{mark}")) == pytest.approx(board["CMD"], abs=1e-4)
     table = frame(at, "area_under · log")
     for row, curve in zip(table.to_dict("records"), (mib.signed, mib.absolute)):
         assert row["ranking"] == curve.ranking
@@ -183,8 +183,8 @@ def test_cpr_and_cmd_both_ways_equal_mib_curves(engine) -> None:
             for axis in ("linear", "log"):
                 assert row[f"{kind} · {axis}"] == pytest.approx(getattr(curve, kind)(axis), abs=1e-5)
     helps = {m.label: m.help for m in at.metric}
-    assert "area_under = Σ (x₂ − x₁)·(f₁ + f₂)/2" in helps["CPR · board (signed, log)"]
-    assert "what the leaderboard reports" in helps["CMD · board (absolute, log)"]
+    assert "area_under = Σ (x₂ − x₁)·(f₁ + f₂)/2" in helps["CPR · signed, log (board)"]
+    assert "What MIB's leaderboard reports" in helps["CMD · absolute, log (board)"]
     assert any("MIB's leaderboard reports" in m.value and "run_evaluation.py" in m.value for m in at.markdown)
     # the numbers that were there stay: the linear-axis areas of the toggle's (absolute) ranking
     assert num(metric_value(at, "CPR (area under f)")) == pytest.approx(mib.absolute.cpr, abs=2e-4)
@@ -222,13 +222,14 @@ def test_compare_page_equals_eapcore_compare(engine, tmp_path: Path) -> None:
     curves = {t["name"]: t["y"] for t in figure(at, "scatter", labels[0])["data"]}
     for label in labels:
         close(curves[label], want.curves[label].faithfulness, 2e-4)
-    areas = frame(at, "CPR (absolute, linear)").set_index("run")
+    areas = frame(at, "CPR · absolute, linear").set_index("run")
     for label in labels:
-        assert areas.loc[label, "CPR (absolute, linear)"] == pytest.approx(want.curves[label].cpr, abs=2e-4)
-        assert areas.loc[label, "CMD (absolute, linear)"] == pytest.approx(want.curves[label].cmd, abs=2e-4)
-        board = mib_curves(reference(engine), by_label[label]).leaderboard("log")
-        assert areas.loc[label, "CPR · board (signed, log)"] == pytest.approx(board["CPR"], abs=1e-3)
-        assert areas.loc[label, "CMD · board (absolute, log)"] == pytest.approx(board["CMD"], abs=1e-3)
+        assert areas.loc[label, "CPR · absolute, linear"] == pytest.approx(want.curves[label].cpr, abs=2e-4)
+        assert areas.loc[label, "CMD · absolute, linear"] == pytest.approx(want.curves[label].cmd, abs=2e-4)
+        mib = mib_curves(reference(engine), by_label[label])
+        assert areas.loc[label, "CPR · signed, log (board)"] == pytest.approx(mib.leaderboard("log")["CPR"], abs=1e-3)
+        assert areas.loc[label, "CMD · absolute, log (board)"] == pytest.approx(mib.leaderboard("log")["CMD"], abs=1e-3)
+        assert areas.loc[label, "CPR · signed, linear"] == pytest.approx(mib.signed.area_under("linear"), abs=1e-3)
     index = want.percents.index(5.0)  # the overlap slider's default size
     z = figure(at, "heatmap")["data"][0]["z"]
     for (a, b), values in want.overlap.items():
@@ -249,7 +250,7 @@ def test_compare_page_equals_eapcore_compare(engine, tmp_path: Path) -> None:
     at.switch_page("pages/explore.py").run()
     at.switch_page("pages/compare.py").run()  # kept: shown again without a click
     assert errors(at) == [] and not [x for x in at.button if x.key == "run_compare"]
-    assert frame(at, "CPR (absolute, linear)")["run"].tolist() == labels
+    assert frame(at, "CPR · absolute, linear")["run"].tolist() == labels
 
 
 def test_compare_refuses_runs_on_different_data_naming_both(setup) -> None:

@@ -44,17 +44,28 @@ def column_help(kind: str, axis: str) -> str:
     return f"{KIND_HELP[kind]} {AXIS_HELP[axis]}"
 
 
+def name(number: str, ranking: str, axis: str) -> str:
+    """``CPR · signed, log (board)``: a number (CPR or CMD) by its ranking and axis; ``(board)`` marks the
+    pair the leaderboard reports."""
+    board = LEADERBOARD[number][0] == ranking and axis == LEADERBOARD_AXIS
+    return f"{number} · {ranking}, {axis}" + (" (board)" if board else "")
+
+
+def definition(number: str, ranking: str, axis: str) -> str:
+    kind = "area_under" if number == "CPR" else "area_from_1"
+    board = LEADERBOARD[number][0] == ranking
+    where = ("What MIB's leaderboard reports: " if board and axis == LEADERBOARD_AXIS
+             else f"The leaderboard's {number} on the {axis} axis: " if board else "")
+    return f"{where}{kind} of the {ranking} ranking ({RANKING_HELP[ranking]}). {column_help(kind, axis)}"
+
+
 def board(mib: MIBCurves) -> list[tuple[str, float, str]]:
-    """The leaderboard's CPR and CMD on its axis, then on the other one: (column name, number, help)."""
+    """The leaderboard's CPR and CMD on its axis, then on the other one: (name, number, definition)."""
     out = []
     for axis in (LEADERBOARD_AXIS, *(a for a in AXES if a != LEADERBOARD_AXIS)):
-        for name, value in mib.leaderboard(axis).items():
-            ranking, kind = LEADERBOARD[name]
-            where = "board" if axis == LEADERBOARD_AXIS else "board pair"
-            what = ("what the leaderboard reports" if axis == LEADERBOARD_AXIS
-                    else f"the leaderboard's number on the {axis} axis")
-            out.append((f"{name} · {where} ({ranking}, {axis})", value,
-                        f"{what}: {kind} of the {ranking} ranking ({RANKING_HELP[ranking]}). {column_help(kind, axis)}"))
+        for number, value in mib.leaderboard(axis).items():
+            ranking = LEADERBOARD[number][0]
+            out.append((name(number, ranking, axis), value, definition(number, ranking, axis)))
     return out
 
 

@@ -65,23 +65,22 @@ def compute(evaluator: CircuitEvaluator, keys: Sequence[str], absolute: bool, ti
 
 
 def area_rows(found: Compared) -> list[dict[str, Any]]:
-    """One row per run: CPR and CMD as compared (the page's ranking, linear axis), then the leaderboard's pair."""
+    """One row per run: CPR and CMD as compared (the page's ranking, linear axis), and the leaderboard's pair
+    on both axes (:func:`ui.areas.name`; a number that is both appears once)."""
     c = found.comparison
-    ranking = "absolute" if next(iter(c.curves.values())).absolute else "signed"
     rows = []
     for label in c.labels:
         curve = c.curves[label]
-        rows.append({"run": label, f"CPR ({ranking}, linear)": curve.cpr, f"CMD ({ranking}, linear)": curve.cmd,
+        rows.append({"run": label, areas.name("CPR", curve.ranking, "linear"): curve.cpr,
+                     areas.name("CMD", curve.ranking, "linear"): curve.cmd,
                      **{name: value for name, value, _ in areas.board(found.mib[label])}})
     return rows
 
 
 def area_help(found: Compared) -> dict[str, str]:
     """Each column's definition, for :func:`area_rows`."""
-    c = found.comparison
-    ranking = "absolute" if next(iter(c.curves.values())).absolute else "signed"
-    helps = {f"CPR ({ranking}, linear)": areas.column_help("area_under", "linear") + f" Ranking: {ranking}.",
-             f"CMD ({ranking}, linear)": areas.column_help("area_from_1", "linear") + f" Ranking: {ranking}."}
+    ranking = next(iter(found.comparison.curves.values())).ranking
+    helps = {areas.name(n, ranking, "linear"): areas.definition(n, ranking, "linear") for n in ("CPR", "CMD")}
     helps.update({name: text for name, _, text in areas.board(next(iter(found.mib.values())))})
     return helps
 

@@ -45,3 +45,20 @@ def kept(key: Any, what: str, compute: Callable[[Progress], Any], counts: str = 
             found = compute(tick)
         cache.checks().put(key, found)
     return found
+
+
+def button(label: str, widget_key: str, icon: str, key: Any, what: str, compute: Callable[[Progress], Any],
+           counts: str = "circuits", at: tuple[Any, Any] | None = None) -> Any:
+    """The result kept under ``key``; else a button ``label`` that runs ``compute`` (:func:`kept`) and goes
+    once it has, or ``None`` while it is not clicked. ``at``: the containers for the button and for Cancel
+    (default: two new columns)."""
+    found = cache.checks().get(key)
+    if found is not None:
+        return found
+    left, right = at or st.columns([1.6, 4], vertical_alignment="bottom")
+    slot = left.empty()
+    if not slot.button(label, key=widget_key, type="primary", icon=icon):
+        return None
+    found = kept(key, what, compute, counts, right.empty())
+    slot.empty()
+    return found

@@ -27,16 +27,14 @@ def panel(evaluator: CircuitEvaluator) -> None:
                f"`{evaluator.intervention_kind}`.", help=HELP)
     key = ("robustness", astuple(s.model_spec), s.scores_key, cache.circuit_key(circuit), evaluator.data.fingerprint,
            metric, evaluator.batch_size)
-    found = cache.checks().get(key)
-    c1, c2 = st.columns([1.6, 4], vertical_alignment="bottom")
-    if found is None and c1.button("Run every intervention", type="primary", icon=":material/science:",
-                                   key="run_robustness"):
-        def compute(tick: progress.Progress) -> tuple[InterventionResult, ...]:
-            evaluators = {kind: cache.remembering(s.model_spec, s.pairs, metric, kind) for kind in INTERVENTIONS}
-            return robustness(cache.get_model(s.model_spec), evaluator.data, circuit, metric, evaluator.batch_size,
-                              evaluators=evaluators, progress=tick)
 
-        found = progress.kept(key, "Robustness", compute, "interventions", c2.empty())
+    def compute(tick: progress.Progress) -> tuple[InterventionResult, ...]:
+        evaluators = {kind: cache.remembering(s.model_spec, s.pairs, metric, kind) for kind in INTERVENTIONS}
+        return robustness(cache.get_model(s.model_spec), evaluator.data, circuit, metric, evaluator.batch_size,
+                          evaluators=evaluators, progress=tick)
+
+    found = progress.button("Run every intervention", "run_robustness", ":material/science:", key, "Robustness",
+                            compute, "interventions")
     if found is not None:
         show(found, evaluator.intervention_kind)
 
@@ -44,5 +42,8 @@ def panel(evaluator: CircuitEvaluator) -> None:
 def show(results: tuple[InterventionResult, ...], used: str) -> None:
     st.plotly_chart(figures.robustness_figure(results), width="stretch")
     st.dataframe([{"intervention": r.intervention + (" (this run's)" if r.intervention == used else ""),
-                   "circuit faithfulness": r.faithfulness, "complement faithfulness": r.complement_faithfulness,
-                   "note": r.note or ""} for r in results], hide_index=True, width="stretch")
+                   "circuit faithfulness": r.faithfulness, "complement faithfulness": r.complement_faithfulness}
+                  for r in results], hide_index=True, width="stretch")
+    for r in results:
+        if r.note:
+            st.caption(f"{r.intervention}: {r.note}")

@@ -41,10 +41,8 @@ def panel(evaluator: CircuitEvaluator) -> None:
     k = int(c1.number_input("Top-k edges", min_value=1, value=TOP_K, step=10, key="w_verify_k",
                             help="How many of the highest-|score| edges to check; more than the graph has verifies all"))
     key = ("verify", astuple(s.model_spec), s.scores_key, cache.circuit_key(circuit), *cache.evaluator_key(evaluator), k)
-    found = cache.checks().get(key)
-    if found is None and c2.button("Verify", type="primary", icon=":material/fact_check:", key="run_verify"):
-        found = progress.kept(key, "Verify", lambda tick: verify(cache.Remembering(s.model_spec, evaluator), s.scores,
-                                                                  k, circuit, tick), "evaluations", c3.empty())
+    found = progress.button("Verify", "run_verify", ":material/fact_check:", key, "Verify", lambda tick: verify(
+        cache.Remembering(s.model_spec, evaluator), s.scores, k, circuit, tick), "evaluations", (c2, c3))
     if found is not None:
         show(found)
 
