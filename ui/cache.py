@@ -229,7 +229,7 @@ def checks() -> Store:
 @st.cache_resource(show_spinner=False)
 def circuit_metrics() -> Store:
     """Per-example metrics ``[n_examples]`` of evaluated circuits by (model, evaluator key, circuit)."""
-    return Store(1024)
+    return Store(512)
 
 
 def circuit_key(circuit: Circuit) -> str:
@@ -245,7 +245,9 @@ class Remembering:
     sessions), so a check that was interrupted goes on from the circuits it finished and one run again is
     instant; everything else is the wrapped evaluator's. Callers must not modify the tensors returned."""
 
-    def __init__(self, spec: ModelSpec, evaluator: CircuitEvaluator) -> None:
+    def __init__(self, spec: ModelSpec, evaluator: "CircuitEvaluator | Remembering") -> None:
+        if isinstance(evaluator, Remembering):
+            evaluator = evaluator.evaluator
         self.evaluator, self._key = evaluator, (astuple(spec), *evaluator_key(evaluator))
 
     def __getattr__(self, name: str) -> Any:

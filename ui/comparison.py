@@ -33,12 +33,12 @@ def chosen_runs(keys: Sequence[str]) -> dict[str, Scores]:
     return chosen
 
 
-def evaluator_for(keys: Sequence[str]) -> CircuitEvaluator:
+def evaluator_for(keys: Sequence[str]) -> cache.Remembering:
     """The evaluator every chosen run is compared with: the session's data, with the first run's metric and
     intervention (as Explore evaluates that run)."""
     s = st.session_state
     first = runs.runs()[keys[0]]["scores"]
-    return cache.get_evaluator(s.model_spec, s.pairs, current.scores_metric(first, s.metric), cache.intervention_of(first))
+    return cache.remembering(s.model_spec, s.pairs, current.scores_metric(first, s.metric), cache.intervention_of(first))
 
 
 def key(evaluator: CircuitEvaluator, keys: Sequence[str], absolute: bool) -> tuple:

@@ -43,9 +43,10 @@ def spec_of(scores: Scores) -> AttributionSpec | None:
         return None
 
 
-def evaluator() -> CircuitEvaluator:
+def evaluator() -> cache.Remembering:
+    """The evaluator of the selected run (remembering its circuits, which the trust checks reuse)."""
     s = st.session_state
-    return cache.get_evaluator(s.model_spec, s.pairs, scores_metric(s.scores, s.metric), cache.intervention_of(s.scores))
+    return cache.remembering(s.model_spec, s.pairs, scores_metric(s.scores, s.metric), cache.intervention_of(s.scores))
 
 
 def size() -> int:
