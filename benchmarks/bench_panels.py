@@ -4,8 +4,8 @@ state (no browser), on the demo model and the first ``--pairs`` pairs of the IOI
     python benchmarks/bench_panels.py --pairs 256 --repeats 5 --threads 1
 
 Each check is timed from its click (or from the rerun that opens its panel) to the end of the page's script
-run, against a **slider move** measured in the same run (Explore's number box set to another size, panels
-closed): Explore's **Verify** (top ``--top-k`` edges of the EAP-IG-inputs run), **Per prompt** (a slider move
+run, against a **slider move** measured in the same run (Explore's number box set to a size whose circuit is
+not kept yet, panels closed): Explore's **Verify** (top ``--top-k`` edges of the EAP-IG-inputs run), **Per prompt** (a slider move
 with the panel open: the new circuit evaluated pair by pair, with its bootstrap), **Robustness** (every
 intervention), **CPR/CMD both ways** (the curve under both rankings), and the Compare page's **compare** of
 three runs (EAP-IG-inputs, EAP, clean-corrupted). "cold": the checks' kept results and remembered circuits
@@ -93,6 +93,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, list[tuple[float, float
         return checked(at.run())
 
     for r in range(args.repeats):
+        forget()  # a size not seen before: its circuit is evaluated
         add("move", seconds(box(sizes[(r + 1) % 2])))
     checked(box(sizes[0])())
 
