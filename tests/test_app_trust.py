@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -29,16 +28,6 @@ from eapcore.tokens import token_diff
 from eapcore.verify import verify
 
 from conftest import errors, metric_value, new_app, run_attribution
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_on_small_machines():
-    """The app uses one torch thread on <= 2 cores (eapcore.threads); so do the references here."""
-    before = torch.get_num_threads()
-    if (os.cpu_count() or 1) <= 2:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def reference(engine, intervention: str = "patching") -> CircuitEvaluator:
@@ -188,6 +177,28 @@ def test_cpr_and_cmd_both_ways_equal_mib_curves(engine) -> None:
     assert any("MIB's leaderboard reports" in m.value and "run_evaluation.py" in m.value for m in at.markdown)
     # the numbers that were there stay: the linear-axis areas of the toggle's (absolute) ranking
     assert num(metric_value(at, "CPR (area under f)")) == pytest.approx(mib.absolute.cpr, abs=2e-4)
+
+
+def test_panels_of_node_level_scores(engine) -> None:
+    """Node-level scores choose circuits by node: Per prompt and Robustness take that circuit; Verify and the
+    both-ways areas, which rank edges, say why they do not apply."""
+    from eapcore.select import by_nodes
+
+    at = new_app()
+    at.switch_page("pages/attribute.py").run()
+    at.selectbox(key="w_method").set_value("EAP")
+    at.selectbox(key="w_level").set_value("node")
+    run_attribution(at, switch=False)
+    for key in ("w_areas_open", "w_verify_open", "w_per_prompt_open", "w_robustness_open"):
+        open_panel(at, key)
+    infos = " ".join(i.value for i in at.info)
+    assert "Verify checks edge scores" in infos and "MIB's areas rank edges" in infos
+    circuit = by_nodes(at.session_state["scores"], at.session_state["n_edges"])
+    want = per_example(reference(engine), circuit)
+    assert num(metric_value(at, "Faithfulness (all pairs)")) == pytest.approx(want.faithfulness, abs=1e-4)
+    at.button(key="run_robustness").click().run()
+    assert errors(at) == [] and frame(at, "circuit faithfulness")["circuit faithfulness"][0] == pytest.approx(
+        want.faithfulness, abs=1e-4)
 
 
 # ----- Compare -----
