@@ -6,15 +6,17 @@ a head: its slice of ``hook_result``, times its layer's post-norm scale where th
 read-out position, its last real token, on the clean and on the corrupted prompt.
 
 **Direct logits** of node u on a run: ``d_u = T(c_u) − T(0)`` ``[d_vocab]``, where ``c_u`` ``[d_model]``
-is u's output and ``T`` the model's final norm and unembedding with the norm's scale (``ln_final.hook_scale``)
-frozen at *that run's* value: T is then affine and d_u its linear part (biases excluded). The run's final
-logits L are T of the residual stream, a sum of node outputs and constants (checked per pair: T of the
-recorded residual stream must give the model's logits), so ``L − d_u`` is exactly the run with u's direct
-path to the logits removed and the norm's scale kept.
+is u's output on that run and ``T`` the model's final norm and unembedding with the norm's scale
+(``ln_final.hook_scale``) frozen at the *clean* run's value, on both runs: T is then affine, d_u its linear
+part (biases excluded), and the clean and corrupted d_u are one linear map of the two outputs, so they
+compare directly. The clean run's final logits L are T of the residual stream, a sum of node outputs and
+constants (checked per pair: T of the recorded residual stream must give the model's logits), so on the
+clean run ``L − d_u`` is exactly the run with u's direct path to the logits removed and the norm's scale
+kept; on the corrupted run (whose own scale differs) it is that up to the change of scale.
 The tokens u *promotes* (*suppresses*) are the largest (smallest) entries of the clean run's d_u.
 
-**Direct effect** on the metric m, per run: ``m(L) − m(L − d_u)``, the metric minus the metric without
-u's direct path. For ``logit_diff`` (linear) it is the mean of d_u at the correct answers minus the mean
+**Direct effect** on the metric m, per run: ``m(L) − m(L − d_u)`` with that run's logits L and d_u, the
+metric minus the metric without u's direct path. For ``logit_diff`` (linear) it is the mean of d_u at the correct answers minus the mean
 at the incorrect ones (masked means, as :mod:`eapcore.metrics`); for ``prob_diff`` and ``kl_div`` (KL of
 the clean run's distribution to this run's, the clean logits being the clean run's) it is not linear,
 and the nodes' effects need not add up to the metric. Positive means u's direct path raises the metric
@@ -156,10 +158,11 @@ def patterns(model: Any, runs: PairRuns, layer: int) -> torch.Tensor:
 
 
 def direct_logits(model: Any, runs: PairRuns, row: int) -> torch.Tensor:
-    """``[2 d_vocab]``: source row ``row``'s direct logits on the clean and the corrupted run."""
+    """``[2 d_vocab]``: source row ``row``'s direct logits on the clean and the corrupted run, both read
+    through the final norm with the clean run's scale."""
     c = runs.outputs[:, row]
     with model_lock(model), torch.inference_mode():
-        out = _tail(model, torch.cat([c, torch.zeros_like(c)]), torch.cat([runs.scale, runs.scale]))
+        out = _tail(model, torch.cat([c, torch.zeros_like(c)]), runs.scale[:1].expand(4, 1))
     return (out[:2] - out[2:]).double()
 
 

@@ -4,8 +4,8 @@
 * attention: ``output_attentions`` of the eager Hugging Face model for that layer and head;
 * direct logits and effect: the node's output captured with plain forward hooks on the Hugging Face modules
   (a head's output is its slice of the output projection's input times its rows of the projection), times
-  the final norm with its scale computed by hand from the norm's input, times the unembedding; the metrics
-  written out here by hand.
+  the final norm with its scale computed by hand from the clean run's norm input (on the corrupted run
+  too), times the unembedding; the metrics written out here by hand.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ def test_direct_effect_equals_hand_computation(case, node, metric):
     assert scale > 1e-3  # not vacuous
     torch.testing.assert_close(report.direct_logits[0], d_clean, rtol=0, atol=tol * scale)
     c_k, x_k, corrupted_logits = _by_hand(family, hf, corrupted_tokens, node)
-    d_corrupted = _frozen_unembed(family, hf, c_k, x_k).double()  # the corrupted run's own scale
+    d_corrupted = _frozen_unembed(family, hf, c_k, x).double()  # the clean run's scale on both runs
+    own_scale = _frozen_unembed(family, hf, c_k, x_k).double()
+    assert float((own_scale - d_corrupted).abs().max()) > 10 * tol * scale  # the runs' scales differ: not vacuous
     torch.testing.assert_close(report.direct_logits[1], d_corrupted, rtol=0, atol=tol * scale)
 
     clean, corrupted = clean_logits.double(), corrupted_logits.double()
