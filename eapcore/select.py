@@ -140,12 +140,13 @@ def unit_of(scores: Scores) -> str:
     return NODES if level in ("node", "neuron") and scores.nodes is not None else EDGES
 
 
-def top(scores: Scores, n: int, absolute: bool = True) -> Circuit:
-    """The pruned top-``n`` circuit at the scores' level: ``n`` edges for edge-level scores
-    (:func:`top_n`), ``n`` nodes for node- and neuron-level ones (:func:`by_nodes`)."""
+def top(scores: Scores, n: int, absolute: bool = True, prune: bool = True) -> Circuit:
+    """The top-``n`` circuit at the scores' level, pruned unless ``prune=False`` (the selection that hand
+    edits apply to): ``n`` edges for edge-level scores (:func:`top_n`), ``n`` nodes for node- and
+    neuron-level ones (:func:`by_nodes`)."""
     if unit_of(scores) == NODES:
-        return by_nodes(scores, n, absolute=absolute)
-    return top_n(scores, n, absolute=absolute)
+        return by_nodes(scores, n, absolute=absolute, prune=prune)
+    return top_n(scores, n, absolute=absolute, prune=prune)
 
 
 def selection(scores: Scores, n: int, absolute: bool = True) -> dict:

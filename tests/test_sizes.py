@@ -18,7 +18,7 @@ from eapcore.gap import faithfulness, gap_warning, no_gap
 from eapcore.graph import Graph, GraphConfig
 from eapcore.methods import METHODS
 from eapcore.models import source_name
-from eapcore.select import by_nodes, selection, top, top_n, unit_of
+from eapcore.select import by_nodes, prune, selection, top, top_n, unit_of
 from eapcore.sizes import default_size, fine_grid, sizes_for_percents, unit_count
 from eapcore.tokens import UnknownWord, unknown_words
 
@@ -63,9 +63,12 @@ def test_top_chooses_by_the_scores_level(graph: Graph) -> None:
     for n in (0, 3, 30):
         assert torch.equal(top(edges, n).edges, top_n(edges, n).edges)
         assert selection(edges, n) == {"method": "top_n", "n": n, "absolute": True, "pruned": True}
+        unpruned = top(edges, n, prune=False)  # the selection hand edits apply to: exactly n edges
+        assert unpruned.n_edges == n and torch.equal(prune(unpruned).edges, top(edges, n).edges)
     for n in (0, 3, 21):
         assert torch.equal(top(nodes, n, absolute=False).edges, by_nodes(nodes, n, absolute=False).edges)
         assert selection(nodes, n, False)["method"] == "by_nodes"
+        assert torch.equal(top(nodes, n, False, prune=False).edges, by_nodes(nodes, n, False, prune=False).edges)
 
 
 def test_gap() -> None:
