@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 
 from eapcore.threads import configure_threads  # noqa: E402
-from ui import state, widgets  # noqa: E402
+from ui import sessions, state, url, widgets  # noqa: E402
 
 st.set_page_config(page_title="EAP-IG circuit explorer", page_icon=str(widgets.FAVICON), layout="wide")
 configure_threads()
@@ -27,10 +27,16 @@ PAGES = [
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]
 page = st.navigation(PAGES)
+st.session_state.page = page.url_path or "model"  # the default page's path is ""
+url.restore()  # a reload or a link: the run and size in the URL
 status = st.sidebar.empty()
 with status.container():
     widgets.sidebar_status()
+with st.sidebar:
+    sessions.sidebar()
 state.show_interrupted()  # on whichever page comes next: a cancelled or interrupted attribution says so
+url.show_note()
 page.run()
 with status.container():  # again, with what the page changed (a page that stops early keeps the first)
     widgets.sidebar_status()
+url.sync()

@@ -7,12 +7,17 @@ import time
 import streamlit as st
 
 from eapcore.attribute import AttributionSpec
+from eapcore.cost import estimate_cost
 from eapcore.interventions import INTERVENTIONS
 from eapcore.methods import LEVELS, METHODS, get_method
 from eapcore.metrics import METRICS
 from eapcore.models import model_graph
-from ui import cache, figures, state, widgets
+from ui import cache, figures, state, url, widgets
 from ui.provenance import run_label
+
+COST_HELP = ("Time: from the speed of the last run of this model, method and level on this server (measured "
+             "speed), else from the model's size and this machine's measured matrix-multiply speed (first guess). Peak "
+             "memory: the estimate for these batches; free: what the device has free now.")
 
 state.require_entry()
 s = st.session_state
@@ -59,6 +64,11 @@ if spec is not None:
         passes = spec.total_passes(graph, n_pairs)  # what the progress bar counts to
         st.caption(f"{n_pairs} pairs ({s.data_label}) · {passes} passes over batches of {spec.batch_size}"
                    + (" · **cached: this run is instant**" if cached else ""))
+        if not cached:
+            estimate = estimate_cost(cache.get_model(s.model_spec), cache.get_data(s.model_spec, s.pairs), spec)
+            st.caption(f"Estimated: {estimate.summary()}", help=COST_HELP)
+            if estimate.warning:
+                st.warning(f"Memory: {estimate.warning}", icon=":material/memory:")
         if cache.get_unknown_words(s.model_spec, s.pairs):
             st.warning("Some prompt words are unknown to the tokenizer (see the Data page).", icon=":material/warning:")
         b1, b2, b3 = st.columns([1.1, 0.8, 3])
@@ -84,7 +94,9 @@ if spec is not None:
                 with state.interruptible("Attribution", cancel_slot):
                     scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress)
                 bar.progress(1.0, text="cached result" if timing.cached else f"done in {timing.seconds:.1f} s")
-                state.set_scores(scores, key, f"{run_label(scores.provenance)}, {s.data_label}")
+                label = f"{run_label(scores.provenance)}, {s.data_label}"
+                state.set_scores(scores, key, label)
+                url.remember(key, label)
                 s.last_attribution_seconds = timing.seconds
                 if open_explore:
                     st.switch_page("pages/explore.py")

@@ -1,5 +1,6 @@
-"""Explore page: a circuit-size slider that evaluates the top-n circuit on every move, the faithfulness
-curve with CPR/CMD, and the circuit as an interactive graph."""
+"""Explore page: a circuit-size slider that evaluates the top-n circuit on every move, hand edits of the
+circuit, the circuit as an interactive graph, what a picked node does, and the faithfulness curve with
+CPR/CMD."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import streamlit as st
 from eapcore.models import model_graph
 from eapcore.select import NODES, unit_of
 from eapcore.sizes import log_grid, unit_count
-from ui import areas, cache, current, figures, per_prompt, robustness, state, verification, widgets
+from ui import areas, cache, current, drilldown, edits, figures, graph_view, per_prompt, robustness, state, verification, widgets
 from ui.provenance import UNDEFINED, fmt_faithfulness
 
 state.require_entry()
@@ -92,14 +93,16 @@ def panel() -> None:
     c2.number_input("Exact count", min_value=0, step=1, key="w_n_box", on_change=from_box, help=f"0 to {total:,}")
     s.absolute = c3.toggle("Rank by |score|", key="w_absolute", on_change=current.unpin, help="Off: rank by signed score")
     with state.guard("Evaluation failed"):
-        result = current.evaluation(evaluator).evaluation
+        now = current.evaluation(evaluator)
+        result = now.evaluation
         widgets.metric_row({
             "Faithfulness": fmt_faithfulness(result.faithfulness),
             f"Circuit {metric}": f"{result.metric:.4f}",
             "Edges (after pruning)": f"{result.circuit.n_edges:,} / {graph.n_edges:,}",
             "Nodes (excl. logits)": f"{result.circuit.n_nodes} / {graph.n_forward}",
         }, {"Faithfulness": widgets.FAITHFULNESS_HELP,
-            "Nodes (excl. logits)": "Source nodes in the circuit (input, heads, MLPs); logits is always in."})
+            "Nodes (excl. logits)": "Source nodes in the circuit (input, heads, MLPs); logits is always in."},
+            edits.delta(result, now.unedited) if now.edits else None)
         note = st.empty()  # always present, so that the elements below keep their places between reruns
         if s.get("explore_note"):
             note.info(s.pop("explore_note"), icon=":material/info:")
@@ -112,7 +115,13 @@ def panel() -> None:
                          f"{metric} ({baseline.clean:.4g}), so there is nothing to recover.", icon=":material/warning:")
         elif result.circuit.n_edges == 0:
             note.info("After pruning, none of these lies on a path from input to logits: add more.")
-        widgets.show_graph(scores, result.circuit)
+        with st.expander("Edit the circuit" + (" (edited)" if now.edits else ""), expanded=bool(now.edits)):
+            edits.editor(graph, result.circuit, s.get("node"))
+            if now.edits:
+                st.caption(edits.summary(result, now.unedited, now.dropped))
+        style = graph_view.controls(graph, result.circuit)
+        widgets.show_graph(scores, result.circuit, style=style)
+        drilldown.panel(s.model_spec, s.pairs, scores, result.circuit, metric, style.picked)
         if undefined:
             widgets.metric_row({"CPR (area under f)": UNDEFINED, "CMD (area under |1 - f|)": UNDEFINED},
                                {"CPR (area under f)": widgets.CPR_HELP, "CMD (area under |1 - f|)": widgets.CMD_HELP})

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import streamlit as st
 
+from eapcore.edits import from_provenance
 from eapcore.mib import MODELS as MIB_MODELS
 from eapcore.models import model_graph
-from eapcore.select import NODES, unit_of
+from eapcore.select import unit_of
 from eapcore.sizes import unit_count
-from ui import cache, current, exports, figures, runs, state, submission, widgets
+from ui import cache, current, edits, exports, figures, graph_view, runs, state, submission, widgets
 from ui.provenance import fmt_faithfulness, picture_title, run_details
 
 state.require_entry()
@@ -32,10 +33,11 @@ else:
                       "evaluation": {"metric": evaluator.metric.name, "intervention": evaluator.intervention_kind,
                                      "value": result.metric, "faithfulness": result.faithfulness}}
         chosen = (f"the imported circuit ({s.pinned.get('name')})" if now.pinned
-                  else f"top {n:,} {unit}")
+                  else f"top {n:,} {unit}") + (" with your edits" if now.edits else "")
         st.caption(f"{s.scores_label} · {chosen} → {circuit.n_edges:,} edges and {circuit.n_nodes} nodes after pruning, "
                    f"faithfulness {fmt_faithfulness(result.faithfulness)} (set the size on the Explore page).")
-        size = f"{circuit.n_edges} edges, {circuit.n_nodes} nodes" + (f" (top {n} {unit})" if not now.pinned else "")
+        size = (f"{circuit.n_edges} edges, {circuit.n_nodes} nodes" + (f" (top {n} {unit})" if not now.pinned else "")
+                + (" edited" if now.edits else ""))
         title = picture_title(scores.provenance, data_label, size, result.faithfulness)
         curve = None
         if result.faithfulness is not None:  # the curve is computed (and cached) on the Explore page
@@ -45,12 +47,13 @@ else:
         # Download data is made when the button is clicked, outside this script run: the callables
         # below close over plain values only, never over st.session_state.
         c1, c2, c3, c4 = st.columns(4)
-        c1.download_button(".pt (EAP-IG)", lambda: exports.pt_bytes(scores, circuit, provenance), f"{stem}.pt",
+        changes, style = now.edits, graph_view.style()
+        c1.download_button(".pt (EAP-IG)", lambda: exports.pt_bytes(scores, circuit, provenance, changes), f"{stem}.pt",
                            "application/octet-stream", on_click="ignore", icon=":material/download:")
-        c2.download_button(".json (EAP-IG)", lambda: exports.json_bytes(scores, circuit, provenance), f"{stem}.json",
+        c2.download_button(".json (EAP-IG)", lambda: exports.json_bytes(scores, circuit, provenance, changes), f"{stem}.json",
                            "application/json", on_click="ignore", icon=":material/download:")
-        c3.download_button("Circuit PNG", lambda: figures.circuit_png(scores, circuit, title=title), f"{stem}.png",
-                           "image/png", on_click="ignore", icon=":material/image:")
+        c3.download_button("Circuit PNG", lambda: figures.circuit_png(scores, circuit, title=title, style=style),
+                           f"{stem}.png", "image/png", on_click="ignore", icon=":material/image:")
         c4.download_button("Curve PNG", lambda: figures.curve_png(*curve, marker, unit, title, total),
                            "faithfulness_curve.png", "image/png", on_click="ignore", icon=":material/show_chart:",
                            disabled=curve is None, help=None if curve else "Faithfulness is undefined on this data")
@@ -87,10 +90,12 @@ if imported:
                             "Edges": f"{imp_circuit.n_edges:,} / {graph.n_edges:,}", "Nodes": f"{imp_circuit.n_nodes}"},
                            {"Faithfulness": widgets.FAITHFULNESS_HELP})
         widgets.show_graph(imp_scores, imp_circuit)
+        recorded = from_provenance(imp_scores.provenance, graph)
+        if recorded:
+            st.caption(f"Made with hand edits: include {', '.join(recorded.include) or 'nothing'}; exclude "
+                       f"{', '.join(recorded.exclude) or 'nothing'}.")
         if st.button("Explore these scores", icon=":material/hub:", key="explore_imported"):
-            size = imp_circuit.n_nodes if unit_of(imp_scores) == NODES else imp_circuit.n_edges
-            state.set_scores(imp_scores, imported["key"], f"imported {imported['name']}", size,
-                             pinned={"circuit": imp_circuit, "name": imported["name"]})
+            edits.explore_imported(imp_scores, imp_circuit, imported["key"], imported["name"])
             st.switch_page("pages/explore.py")
 
 st.divider()

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from eapcore.attribute import AttributionSpec, attribute
+from eapcore.attribute import AttributionSpec
+from eapcore.cost import timed_attribute
 from eapcore.circuit import Circuit, Scores
 from eapcore.data import PromptPairs, TokenizedPairs
 from eapcore.curve import MIB_PERCENTS, Curve
@@ -123,6 +124,24 @@ def results() -> Store:
 
 
 @st.cache_resource(show_spinner=False)
+def views() -> Store:
+    """What a link needs besides a run's scores (:mod:`ui.url`): by attribution key, the :class:`RunView`
+    of runs made on this server (never of uploaded files)."""
+    return Store(32)
+
+
+@dataclass(frozen=True)
+class RunView:
+    """The model, data and label a run was made with, to reopen it from a link."""
+
+    model_spec: ModelSpec
+    pairs: PromptPairs
+    data_label: str
+    metric: str
+    label: str
+
+
+@st.cache_resource(show_spinner=False)
 def curves() -> Store:
     """Faithfulness curves by (scores key, data fingerprint, metric, absolute)."""
     return Store(32)
@@ -157,7 +176,7 @@ def run_attribution(
         return hit, key, Timing(0.0, True)
     start = time.perf_counter()
     model = get_model(spec)
-    scores = attribute(model, get_data(spec, pairs), attr, progress=progress).cpu()
+    scores = timed_attribute(model, get_data(spec, pairs), attr, progress=progress).cpu()  # its speed refines estimates
     results().put(key, scores)
     return scores, key, Timing(time.perf_counter() - start, False)
 

@@ -9,21 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from eapcore.circuit import Circuit, Scores
+from eapcore.edits import Edits
 from eapcore.export import load_circuit, save_json, save_pt
 from eapcore.graph import Graph
 
 MAX_CIRCUIT_BYTES = 50 * 1024 * 1024
 
 
-def pt_bytes(scores: Scores, circuit: Circuit, provenance: dict[str, Any]) -> bytes:
+def pt_bytes(scores: Scores, circuit: Circuit, provenance: dict[str, Any], edits: Edits | None = None) -> bytes:
     buf = io.BytesIO()
-    save_pt(buf, scores, circuit, provenance)
+    save_pt(buf, scores, circuit, provenance, edits=edits)
     return buf.getvalue()
 
 
-def json_bytes(scores: Scores, circuit: Circuit, provenance: dict[str, Any]) -> bytes:
+def json_bytes(scores: Scores, circuit: Circuit, provenance: dict[str, Any], edits: Edits | None = None) -> bytes:
     buf = io.BytesIO()
-    save_json(buf, scores, circuit, provenance)
+    save_json(buf, scores, circuit, provenance, edits=edits)
     return buf.getvalue()
 
 

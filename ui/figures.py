@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from eapcore.circuit import Circuit, Scores
 from eapcore.select import EDGES
 from ui.layout import (
-    EDGE_COLOURS, EDGE_KINDS, NODE_COLOURS, circuit_edges, curvature, node_kind, node_positions, nodes_of, top_score, width,
+    EDGE_COLOURS, FADED_ALPHA, NODE_COLOURS, PICKED, GraphStyle, circuit_edges, curvature, edge_label, in_circuit,
+    legend_items, node_kind, node_positions, node_sizes, top_score, width,
 )
 
 CURVE, FINE, MARKER, GUIDE = "#3b82f6", "#93c5fd", "#ef4444", "#9ca3af"
@@ -49,21 +50,26 @@ def _pyplot() -> Any:
     return plt
 
 
-def circuit_png(scores: Scores, circuit: Circuit, max_edges: int = 600, title: str | None = None) -> bytes:
-    """A PNG of the circuit with the same layout and colours as the interactive graph."""
+def circuit_png(scores: Scores, circuit: Circuit, max_edges: int = 600, title: str | None = None,
+                style: GraphStyle = GraphStyle()) -> bytes:
+    """A PNG of the circuit with the same layout, sizes, colours and ``style`` as the interactive graph
+    (light theme), its legend beside it."""
     plt = _pyplot()
     import networkx as nx
-    from matplotlib.lines import Line2D
+    from matplotlib import patheffects
 
+    graph = scores.graph
     edges = circuit_edges(scores, circuit, max_edges)
-    pos = node_positions(scores.graph)
-    names = nodes_of(edges)
-    xy = {n: pos[n] for n in names}
+    pos, sizes = node_positions(graph), node_sizes(scores)
+    inside = in_circuit(edges)
+    drawn = [n for n in graph.node_names if n in inside or style.faded or n == style.picked]
+    area = {n: 900.0 if sizes.fraction(n) is None or node_kind(n) == "input" else (12 + 30 * sizes.fraction(n)) ** 2
+            for n in drawn}
     g = nx.MultiDiGraph()
-    g.add_nodes_from(names)
-    levels = max(p[1] for p in xy.values()) + 1
-    spread = max(p[0] for p in pos.values()) - min(p[0] for p in pos.values()) + 1
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * spread + 2), max(5.0, 0.9 * levels + 1.5)))
+    g.add_nodes_from(drawn)
+    xs, levels = [p[0] for p in pos.values()], [p[1] for p in pos.values()]
+    spread, height = max(xs) - min(xs) + 1, max(levels) + 1
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * spread + 2.5), max(5.0, 0.9 * height + 1.5)))
     top = top_score(edges)
     groups: dict[tuple[str, int, float], list] = {}
     for e in edges:
@@ -72,22 +78,51 @@ def circuit_png(scores: Scores, circuit: Circuit, max_edges: int = 600, title: s
         pairs = [(e.src, e.dst) for e in group]
         g.add_edges_from(pairs)
         nx.draw_networkx_edges(
-            g, xy, edgelist=pairs, ax=ax, edge_color=EDGE_COLOURS["light"][(kind, sign)],
+            g, pos, edgelist=pairs, ax=ax, edge_color=EDGE_COLOURS["light"][(kind, sign)],
             width=[width(e.score, top, 0.6, 5.0) for e in group], style="solid" if sign == 1 else "dashed",
-            arrows=True, arrowsize=9, connectionstyle=f"arc3,rad={rad}", node_size=900, alpha=0.9,
+            arrows=True, arrowsize=9, connectionstyle=f"arc3,rad={rad}", nodelist=drawn,
+            node_size=[area[n] for n in drawn], alpha=0.9,
         )
-    for kind in ("input", "head", "mlp", "logits"):
-        group = [n for n in names if node_kind(n) == kind]
-        nx.draw_networkx_nodes(g, xy, nodelist=group, ax=ax, node_color=NODE_COLOURS[kind], node_size=900,
-                               node_shape="s" if kind in ("input", "logits") else "o", edgecolors="#111827", linewidths=0.6)
-    nx.draw_networkx_labels(g, xy, labels={n: n for n in names}, ax=ax, font_size=7)
-    handles = [Line2D([0], [0], color=EDGE_COLOURS["light"][(k, 1)], lw=2, label=f"{k} (+)") for k in EDGE_KINDS]
-    handles += [Line2D([0], [0], color=EDGE_COLOURS["light"][(k, -1)], lw=2, ls="--", label=f"{k} (-)") for k in EDGE_KINDS]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+        if style.edge_labels:
+            nx.draw_networkx_edge_labels(
+                nx.DiGraph(pairs), pos, edge_labels={(e.src, e.dst): edge_label(e) for e in group}, ax=ax, font_size=6,
+                connectionstyle=f"arc3,rad={rad}", bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
+            )
+    for name in drawn:
+        kind = node_kind(name)
+        shape = "s" if kind in ("input", "logits") else "o"
+        nx.draw_networkx_nodes(g, pos, nodelist=[name], ax=ax, node_color=NODE_COLOURS[kind], node_size=area[name],
+                               node_shape=shape, alpha=1.0 if name in inside else FADED_ALPHA, edgecolors="#111827",
+                               linewidths=0.6)
+        if name == style.picked:
+            nx.draw_networkx_nodes(g, pos, nodelist=[name], ax=ax, node_color="none", node_size=area[name] + 250,
+                                   node_shape=shape, edgecolors=PICKED, linewidths=3.0)
+        text = ax.text(*pos[name], name, fontsize=7, ha="center", va="center", alpha=1.0 if name in inside else 0.5)
+        text.set_path_effects([patheffects.withStroke(linewidth=2, foreground="white")])
+    ax.legend(handles=_legend_handles(legend_items(sizes, style)), loc="upper left", bbox_to_anchor=(1.0, 1.0),
+              fontsize=7, frameon=False)
+    ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
+    ax.set_ylim(min(levels) - 0.6, max(levels) + 0.6)
     title = title or f"circuit: {circuit.n_edges} edges, {circuit.n_nodes} nodes"
     ax.set_title(title, fontsize=9, wrap=True)
     ax.axis("off")
     return _png(fig, title)
+
+
+def _legend_handles(items: list[tuple[str, str, str]]) -> list:
+    """Matplotlib legend entries for :func:`ui.layout.legend_items`."""
+    from matplotlib.lines import Line2D
+
+    def handle(kind: str, colour: str, text: str) -> Line2D:
+        if kind == "node":
+            return Line2D([], [], ls="", marker="o", ms=7, mfc=colour, mec="#111827", mew=0.6, label=text)
+        if kind == "ring":
+            return Line2D([], [], ls="", marker="o", ms=7, mfc="none", mec=colour, mew=2.5, label=text)
+        if kind.startswith("edge"):
+            return Line2D([], [], color=colour, lw=2, ls="--" if kind == "edge-" else "-", label=text)
+        return Line2D([], [], ls="", label=text)
+
+    return [handle(*item) for item in items]
 
 
 def curve_png(curve: Any, fine: Any | None = None, marker: tuple[float, float] | None = None, unit: str = EDGES,

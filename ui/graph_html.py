@@ -1,20 +1,25 @@
 """The circuit as an interactive, offline HTML page (pyvis / vis-network, library inlined, no CDN).
 
-Nodes sit where :func:`ui.layout.node_positions` puts them (physics off). In a narrow frame (a phone)
-the layout is squeezed sideways so that the labels stay readable after the view is fitted; the page
-re-fits when the frame is resized. Hover an edge for its score; drag to pan, scroll or pinch to zoom.
+Every node of the graph sits where :func:`ui.layout.node_positions` puts it (physics off); nodes outside
+the circuit are faded or transparent, so the view, fitted to all of them, is the same for every circuit
+of a graph and nodes never move between slider moves. In a narrow frame (a phone) the layout is squeezed
+sideways so that the labels stay readable after the view is fitted; the page re-fits when the frame is
+resized. A legend sits under the graph. Hover a node or an edge for its score; drag to pan, scroll or
+pinch to zoom.
 """
 
 from __future__ import annotations
 
 import functools
+import html
+import json
 import re
 from pathlib import Path
 
 from eapcore.circuit import Circuit, Scores
 from ui.layout import (
-    NODE_COLOURS, NODE_TEXT, circuit_edges, curvature, edge_colour, node_kind, node_positions,
-    nodes_of, top_score, width,
+    FADED_ALPHA, NODE_COLOURS, NODE_TEXT, PAGE_BACKGROUND, PAGE_TEXT, PICKED, GraphStyle, circuit_edges, curvature,
+    edge_colour, edge_label, in_circuit, legend_items, node_kind, node_positions, node_sizes, top_score, width,
 )
 
 X_SPACING, Y_SPACING = 170, 95
@@ -42,6 +47,7 @@ _FIT_TO_FRAME = """
   }
   place();
   window.addEventListener("resize", place);
+  %(picked)s
 })();
 </script>
 """
@@ -52,35 +58,81 @@ def strip_remote_resources(page: str) -> str:
     return _COMMENT.sub("", _EMPTY_HEADING.sub("", _REMOTE_TAG.sub("", page)))
 
 
+_LAYOUT_CSS = """
+html, body { height: 100%; margin: 0; background: transparent; }
+body { display: flex; flex-direction: column; }
+.card { flex: 1 1 auto; min-height: 0; }
+#mynetwork { border: none !important; height: 100% !important; }
+.legend { flex: 0 0 auto; display: flex; flex-wrap: wrap; gap: 2px 12px; padding: 4px 6px;
+          font: 12px sans-serif; color: TEXT_COLOUR; }
+.legend span { display: inline-flex; align-items: center; gap: 4px; white-space: nowrap; }
+.legend i { display: inline-block; }
+"""
+
+
+def _rgba(colour: str, alpha: float) -> str:
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _legend(items: list[tuple[str, str, str]]) -> str:
+    """The legend as a strip of HTML under the graph."""
+    marks = {
+        "node": '<i style="width:10px;height:10px;border-radius:50%%;background:%s"></i>',
+        "ring": '<i style="width:8px;height:8px;border-radius:50%%;border:3px solid %s"></i>',
+        "edge": '<i style="width:18px;border-top:3px solid %s"></i>',
+        "edge-": '<i style="width:18px;border-top:3px dashed %s"></i>',
+        "note": "",
+    }
+    spans = [f"<span>{marks[kind] % colour if colour else marks[kind]}{html.escape(text)}</span>" for kind, colour, text in items]
+    return f'<div class="legend" id="legend">{"".join(spans)}</div>'
+
+
 def pyvis_html(scores: Scores, circuit: Circuit, height_px: int = 620, max_edges: int = 600,
-               theme: str = "light") -> str:
+               theme: str = "light", style: GraphStyle = GraphStyle()) -> str:
     """A self-contained HTML page (vis-network inlined, no CDN) drawing ``circuit`` with its scores, in
-    the edge colours of ``theme`` (``light`` or ``dark``) on a transparent background."""
+    the colours of ``theme`` (``light`` or ``dark``) on a transparent background, drawn as ``style`` says."""
     from pyvis.network import Network
 
+    graph = scores.graph
     edges = circuit_edges(scores, circuit, max_edges)
-    pos = node_positions(scores.graph)
+    pos, sizes = node_positions(graph), node_sizes(scores)
+    inside = in_circuit(edges)
     net = Network(height=f"{height_px - 20}px", width="100%", directed=True, cdn_resources="remote",
                   bgcolor="transparent")
-    strength: dict[str, float] = {}
-    for e in edges:
-        strength[e.src] = strength.get(e.src, 0.0) + abs(e.score)
-    for name in sorted(nodes_of(edges), key=lambda n: (pos[n][1], pos[n][0])):
+    text = PAGE_TEXT[theme]
+    for name in sorted(graph.node_names, key=lambda n: (pos[n][1], pos[n][0])):
         x, level = pos[name]
-        kind = node_kind(name)
-        title = f"{name} ({kind})" + (f"\nsum |score| of outgoing edges: {strength[name]:.4g}" if name in strength else "")
-        net.add_node(
-            name, label=name, title=title, color=NODE_COLOURS[kind], x=x * X_SPACING, y=-level * Y_SPACING,
-            shape="box" if kind in ("input", "logits") else "ellipse", font={"color": NODE_TEXT, "size": 18},
-            physics=False,
+        kind, shown = node_kind(name), name in inside or name == style.picked
+        alpha = 1.0 if name in inside else FADED_ALPHA if shown or style.faded else 0.0
+        fill = NODE_COLOURS[kind] if alpha == 1.0 else _rgba(NODE_COLOURS[kind], alpha)
+        fraction = sizes.fraction(name)
+        title = f"{name} ({kind})" + ("" if fraction is None else f"\n{sizes.what}: {sizes.strength[name]:.4g}")
+        boxed = kind in ("input", "logits")
+        label_colour = NODE_TEXT if boxed else text
+        node = dict(
+            label=name, title=title + ("" if name in inside else "\noutside the circuit"), x=x * X_SPACING,
+            y=-level * Y_SPACING, shape="box" if boxed else "dot", physics=False, borderWidth=1,
+            color=fill if name != style.picked else {"background": fill, "border": PICKED,
+                                                      "highlight": {"background": fill, "border": PICKED}},
+            font={"color": label_colour if alpha == 1.0 else _rgba(label_colour, min(1.0, 2 * alpha)), "size": 18},
         )
+        if not boxed:
+            node["size"] = 8 + 20 * (fraction or 0.0)
+        if name == style.picked:
+            node["borderWidth"] = 5
+        if alpha == 0.0:  # keeps its place in the fitted view, draws nothing, answers no hover
+            node.update(title=None, chosen=False)
+        net.add_node(name, **node)
     top = top_score(edges)
+    label_font = {"size": 12, "color": text, "strokeWidth": 3, "strokeColor": PAGE_BACKGROUND[theme], "align": "top"}
     for e in edges:
         bend = curvature(e, pos)
         smooth = {"enabled": True, "type": "curvedCW" if bend >= 0 else "curvedCCW", "roundness": abs(bend)}
+        extra = {"label": edge_label(e), "font": label_font} if style.edge_labels else {}
         net.add_edge(
             e.src, e.dst, title=f"{e.name}\nscore {e.score:+.4g}", color=edge_colour(e, theme), width=width(e.score, top),
-            dashes=e.score < 0, smooth=smooth if bend else {"enabled": False}, arrows="to",
+            dashes=e.score < 0, smooth=smooth if bend else {"enabled": False}, arrows="to", **extra,
         )
     net.toggle_physics(False)
     net.set_options(
@@ -91,9 +143,11 @@ def pyvis_html(scores: Scores, circuit: Circuit, height_px: int = 620, max_edges
     # (pyvis's "in_line" mode re-lexes the 500 kB library through jinja on every call).
     page = strip_remote_resources(net.generate_html(notebook=False))
     js, css = _vis_library()
-    page = page.replace("<head>", f"<head>\n<style>{css}\nbody {{ margin: 0; background: transparent; }}"
-                                  f"\n#mynetwork {{ border: none !important; }}</style>\n<script>{js}</script>", 1)
-    return page.replace("</body>", _FIT_TO_FRAME % {"margin": 2 * X_SPACING} + "</body>", 1)
+    layout_css = _LAYOUT_CSS.replace("TEXT_COLOUR", text)
+    page = page.replace("<head>", f"<head>\n<style>{css}\n{layout_css}</style>\n<script>{js}</script>", 1)
+    picked = f"network.selectNodes({json.dumps([style.picked])});" if style.picked in graph.node_names else ""
+    script = _FIT_TO_FRAME % {"margin": 2 * X_SPACING, "picked": picked}
+    return page.replace("</body>", _legend(legend_items(sizes, style, theme)) + script + "</body>", 1)
 
 
 @functools.cache

@@ -1,10 +1,12 @@
 """Where a circuit's nodes go and how its edges look, shared by the interactive graph and the PNG.
 
 Layout: ``input`` at the bottom, ``logits`` at the top; each layer's heads on one row with its MLP on
-the row above (on the same row, to the right, for parallel attention/MLP models). Edges are coloured by
-the input they feed (q, k, v or other: MLP/logits) and by the sign of their score (strong colour and
-solid: positive; faint and dashed: negative); their width grows with ``|score|``. Edge colours come in
-a light and a dark theme; node labels sit on the node's fill and read on both.
+the row above (on the same row, to the right, for parallel attention/MLP models). Every node of the graph
+has its place, computed from the graph alone, so a node stays where it is whatever the circuit; nodes
+outside the circuit are drawn faded or not at all (:class:`GraphStyle`), but keep their place. A node's
+size grows with its score (:func:`node_sizes`). Edges are coloured by the input they feed (q, k, v or
+other: MLP/logits) and by the sign of their score (strong colour and solid: positive; faint and dashed:
+negative); their width grows with ``|score|``. Colours come in a light and a dark theme.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -20,7 +23,11 @@ from eapcore.circuit import Circuit, Scores
 from eapcore.graph import Graph
 
 NODE_COLOURS = {"input": "#9ca3af", "head": "#f59e0b", "mlp": "#14b8a6", "logits": "#ef4444"}
-NODE_TEXT = "#111827"  # labels sit on the node's own fill, so one colour reads on both themes
+NODE_TEXT = "#111827"  # labels on a node's own fill (input, logits): one colour reads on both themes
+PAGE_TEXT = {"light": "#111827", "dark": "#e5e7eb"}  # labels beside a node, on the page's background
+PAGE_BACKGROUND = {"light": "#ffffff", "dark": "#0e1117"}
+PICKED = "#e11d48"  # the ring around the picked node
+FADED_ALPHA = 0.25
 EDGE_KINDS = ("q", "k", "v", "other")
 
 
@@ -56,6 +63,7 @@ def edge_kind(dst_name: str) -> str:
     return m.group(1) if m else "other"
 
 
+@lru_cache(maxsize=16)
 def node_positions(graph: Graph) -> dict[str, tuple[float, float]]:
     """``{node: (x, level)}``: level 0 is ``input``, the top level is ``logits`` (bigger is higher).
     Heads of a layer sit on one row around x = 0; MLPs on the row above, in a column to the right (on
@@ -131,3 +139,68 @@ def nodes_of(edges: Sequence[DrawnEdge]) -> list[str]:
         seen.setdefault(e.src)
         seen.setdefault(e.dst)
     return list(seen) or ["input", "logits"]
+
+
+@dataclass(frozen=True)
+class GraphStyle:
+    """How a circuit is drawn: nodes outside it ``faded`` (else left out, keeping their place), each edge
+    labelled with its score (``edge_labels``), and the ``picked`` node ringed."""
+
+    faded: bool = False
+    edge_labels: bool = False
+    picked: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeSizes:
+    """``strength``: each source node's size measure (>= 0; ``logits`` has none), ``what``: which measure."""
+
+    strength: dict[str, float]
+    what: str
+
+    def fraction(self, name: str) -> float | None:
+        """``sqrt(strength / largest)`` in [0, 1] (area grows with the measure); ``None`` for ``logits``."""
+        if name not in self.strength:
+            return None
+        top = max(self.strength.values(), default=0.0)
+        return math.sqrt(self.strength[name] / top) if top > 0 else 0.0
+
+    def caption(self) -> str:
+        return f"node size: {self.what}"
+
+
+def node_sizes(scores: Scores) -> NodeSizes:
+    """Each node's size measure, from the whole graph (so it does not change with the circuit): ``|node
+    score|`` when the scores have node scores, else the sum of ``|score|`` of its outgoing edges in the graph.
+    Unscored nodes (NaN) get 0."""
+    graph = scores.graph
+    if scores.nodes is not None and not bool(scores.nodes.isnan().all()):
+        values, what = scores.nodes.detach().double().cpu().abs(), "|node score|"
+    else:
+        edges = scores.edges.detach().double().cpu().abs() * graph.real_edge_mask
+        values, what = edges.nan_to_num(0.0).sum(1), "sum of |outgoing edge scores|"
+    values = values.nan_to_num(0.0).tolist()
+    return NodeSizes(dict(zip(graph.src_nodes, values)), what)
+
+
+def in_circuit(edges: Sequence[DrawnEdge]) -> set[str]:
+    """The nodes drawn as part of the circuit: those its drawn edges touch, and always ``input`` and ``logits``."""
+    return set(nodes_of(edges)) | {"input", "logits"}
+
+
+def edge_label(edge: DrawnEdge) -> str:
+    return f"{edge.score:+.3g}"
+
+
+def legend_items(sizes: NodeSizes, style: GraphStyle, theme: str = "light") -> list[tuple[str, str, str]]:
+    """``(kind, colour, text)`` entries of the picture's legend: ``node`` (a filled dot), ``edge`` and
+    ``edge-`` (a solid and a dashed line in the theme's colour), ``ring`` (the picked node) and ``note``."""
+    rows = [("node", NODE_COLOURS[k], label) for k, label in
+            (("input", "input"), ("head", "attention head"), ("mlp", "MLP"), ("logits", "logits"))]
+    rows += [("edge", EDGE_COLOURS[theme][(k, 1)], f"{k} +") for k in EDGE_KINDS]
+    rows += [("edge-", EDGE_COLOURS[theme][(k, -1)], f"{k} −") for k in EDGE_KINDS]
+    rows.append(("note", "", f"{sizes.caption()}; edge width: |score|"))
+    rows.append(("note", "", "faded: outside the circuit" if style.faded else "nodes outside the circuit hidden"))
+    if style.picked:
+        rows.append(("ring", PICKED, f"picked: {style.picked}"))
+    return rows

@@ -10,7 +10,8 @@ selected run, which Explore and Export show), ``n_edges`` (int: edges or nodes),
 imported circuit shown as saved), ``explore_result`` (the current circuit's evaluation, see
 ``ui.current``), ``imported`` (dict or absent), ``run_requested`` (Explore asks the Attribute page to
 run); ``running`` and ``cancel_requested`` while an attribution runs or was just cancelled
-(:func:`interruptible`).
+(:func:`interruptible`). Explore's hand edits, picked node and graph style: ``ui.edits``, ``ui.graph_view``;
+the page shown (``page``) and the URL: ``ui.url``; saved sessions: ``ui.sessions``.
 """
 
 from __future__ import annotations
@@ -145,8 +146,9 @@ def remove_run(key: str) -> None:
 
 
 def clear_scores() -> None:
-    """Forget every run (e.g. a model with another graph was loaded)."""
-    for key in ("runs", "scores", "scores_key", "scores_label", "n_edges", "pinned", "explore_result"):
+    """Forget every run, the hand edits and the picked node (e.g. a model with another graph was loaded)."""
+    for key in ("runs", "scores", "scores_key", "scores_label", "n_edges", "pinned", "explore_result", "edits", "node",
+                "w_edit_include", "w_edit_exclude", "w_node"):
         st.session_state.pop(key, None)
 
 

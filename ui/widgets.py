@@ -10,7 +10,7 @@ import streamlit as st
 
 from eapcore.circuit import Circuit, Scores
 from ui.graph_html import pyvis_html
-from ui.layout import THEMES
+from ui.layout import THEMES, GraphStyle
 
 GRAPH_HEIGHT = 640
 FAVICON = Path(__file__).resolve().parent.parent / "assets" / "favicon.png"
@@ -33,18 +33,17 @@ def theme() -> str:
     return kind if kind in THEMES else "light"
 
 
-def show_graph(scores: Scores, circuit: Circuit, height: int = GRAPH_HEIGHT, max_edges: int = 600) -> None:
-    """The circuit as an interactive pyvis graph in an iframe (renders offline: no CDN), in the theme's colours."""
+def show_graph(scores: Scores, circuit: Circuit, height: int = GRAPH_HEIGHT, max_edges: int = 600,
+               style: GraphStyle = GraphStyle()) -> None:
+    """The circuit as an interactive pyvis graph in an iframe (renders offline: no CDN), in the theme's
+    colours, drawn as ``style`` says (its legend is in the picture)."""
     note = st.empty()  # always present, so that the elements below keep their places between reruns
     if circuit.n_edges > max_edges:
         note.caption(f"Drawing the {max_edges} edges with the largest |score| of {circuit.n_edges}.")
-    page = pyvis_html(scores, circuit, height_px=height, max_edges=max_edges, theme=theme())
+    page = pyvis_html(scores, circuit, height_px=height, max_edges=max_edges, theme=theme(), style=style)
     st.iframe(page, height=height, alt="circuit graph")
-    st.caption(
-        "Bottom: `input`; top: `logits`. Nodes: grey input, orange heads, teal MLPs, red logits. "
-        "Edges: blue q, green k, purple v, grey other; strong colour and solid = positive score, faint and dashed = "
-        "negative; width = |score|. Hover an edge for its score; drag to pan, scroll or pinch to zoom."
-    )
+    st.caption("Bottom: `input`; top: `logits`; every node keeps its place whatever the circuit. Hover a node or an "
+               "edge for its score; drag to pan, scroll or pinch to zoom.")
 
 
 def sidebar_status() -> None:
@@ -92,8 +91,8 @@ def need(*keys: str) -> bool:
     return True
 
 
-def metric_row(values: dict[str, Any], helps: dict[str, str] | None = None) -> None:
-    """One ``st.metric`` per item, side by side; ``helps`` gives some of them a definition."""
-    helps = helps or {}
+def metric_row(values: dict[str, Any], helps: dict[str, str] | None = None, deltas: dict[str, str] | None = None) -> None:
+    """One ``st.metric`` per item, side by side; ``helps`` gives some of them a definition, ``deltas`` a change."""
+    helps, deltas = helps or {}, deltas or {}
     for col, (label, value) in zip(st.columns(len(values)), values.items()):
-        col.metric(label, value, help=helps.get(label))
+        col.metric(label, value, help=helps.get(label), delta=deltas.get(label))
