@@ -218,3 +218,79 @@ def test_token_chips_set_their_own_text_colour() -> None:
     """Chips have light backgrounds, so they name a dark text colour (the dark theme's text is light)."""
     chips = figures.token_diff_html([("a", "b", True), ("c", "c", False)])
     assert chips.count("color:#111827") == 4
+
+
+def drawn_nodes(page: str) -> dict[str, dict]:
+    """The vis-network nodes of a graph page, by name."""
+    import json
+
+    found = re.search(r"nodes = new vis\.DataSet\((\[.*?\])\);", page, flags=re.S)
+    return {n["id"]: n for n in json.loads(found.group(1))}
+
+
+def test_every_node_keeps_its_place_whatever_the_circuit(scores: Scores, graph: Graph) -> None:
+    """Positions come from the graph alone: two circuits draw every node of the graph at the same place (the
+    layout's, scaled), so the fitted view is the same and nothing moves between slider moves."""
+    pos = layout.node_positions(graph)
+    pages = [graph_html.pyvis_html(scores, c) for c in (Circuit.empty(graph), top_n(scores, 5), top_n(scores, 75))]
+    places = [{name: (n["x"], n["y"]) for name, n in drawn_nodes(p).items()} for p in pages]
+    assert set(places[0]) == set(graph.node_names)
+    assert places[0] == places[1] == places[2]
+    assert places[0] == {n: (x * graph_html.X_SPACING, -y * graph_html.Y_SPACING) for n, (x, y) in pos.items()}
+
+
+def test_nodes_outside_the_circuit_are_hidden_or_faded(scores: Scores, graph: Graph) -> None:
+    circuit = top_n(scores, 5)
+    inside = layout.in_circuit(layout.circuit_edges(scores, circuit))
+    outside = sorted(set(graph.node_names) - inside)
+    assert outside
+    hidden = drawn_nodes(graph_html.pyvis_html(scores, circuit))
+    faded = drawn_nodes(graph_html.pyvis_html(scores, circuit, style=layout.GraphStyle(faded=True)))
+    for name in outside:
+        assert hidden[name]["color"].endswith(",0.0)") and hidden[name]["chosen"] is False
+        assert faded[name]["color"].endswith(f",{layout.FADED_ALPHA})") and "outside the circuit" in faded[name]["title"]
+    for name in inside:
+        assert hidden[name]["color"] == faded[name]["color"] == layout.NODE_COLOURS[layout.node_kind(name)]
+
+
+def test_node_size_follows_the_node_score(scores: Scores, graph: Graph) -> None:
+    """Without node scores a node's size measure is the sum of |score| of its outgoing edges in the whole
+    graph; with them, |node score|. Sizes grow with it; the legend says which measure."""
+    sizes = layout.node_sizes(scores)
+    for i, name in enumerate(graph.src_nodes):
+        by_hand = sum(abs(float(scores.edges[i, c])) for c in range(graph.n_backward) if graph.real_edge_mask[i, c])
+        assert sizes.strength[name] == pytest.approx(by_hand, rel=1e-6)
+    page = graph_html.pyvis_html(scores, top_n(scores, 30))
+    nodes = drawn_nodes(page)
+    dots = sorted((n for n in graph.src_nodes if "size" in nodes[n]), key=lambda n: sizes.strength[n])
+    assert [nodes[n]["size"] for n in dots] == sorted(nodes[n]["size"] for n in dots)
+    assert "node size: sum of |outgoing edge scores|" in page
+    with_nodes = Scores(graph, scores.edges, torch.linspace(-3, 2, graph.n_forward))
+    assert layout.node_sizes(with_nodes).strength["input"] == pytest.approx(3.0)
+    assert "node size: |node score|" in graph_html.pyvis_html(with_nodes, top_n(scores, 30))
+
+
+def test_the_picked_node_edge_labels_and_legend(scores: Scores, graph: Graph) -> None:
+    circuit = top_n(scores, 20)
+    style = layout.GraphStyle(edge_labels=True, picked="a1.h2")
+    page = graph_html.pyvis_html(scores, circuit, style=style, theme="dark")
+    node = drawn_nodes(page)["a1.h2"]
+    assert node["color"]["border"] == layout.PICKED and node["borderWidth"] == 5
+    assert 'network.selectNodes(["a1.h2"])' in page and "picked: a1.h2" in page
+    for e in layout.circuit_edges(scores, circuit):
+        assert f'"label": "{layout.edge_label(e)}"' in page
+    assert layout.PAGE_TEXT["dark"] in page and 'id="legend"' in page
+    assert '"label": "' + layout.edge_label(layout.circuit_edges(scores, circuit)[0]) not in graph_html.pyvis_html(scores, circuit)
+
+
+def test_circuit_png_has_one_frame_for_every_circuit_of_a_graph(scores: Scores, graph: Graph) -> None:
+    """The PNG lays out the whole graph whatever the circuit (same picture size), in every style."""
+    from PIL import Image
+
+    def size(png: bytes) -> tuple[int, int]:
+        return Image.open(__import__("io").BytesIO(png)).size
+
+    styles = [layout.GraphStyle(), layout.GraphStyle(faded=True, edge_labels=True, picked="a0.h1")]
+    pngs = [figures.circuit_png(scores, c, title="t", style=st) for c in (Circuit.empty(graph), top_n(scores, 40)) for st in styles]
+    assert all(p.startswith(PNG_MAGIC) for p in pngs)
+    assert len({size(p) for p in pngs}) == 1
