@@ -5,9 +5,11 @@
 Times, on the demo model and the first ``--pairs`` pairs of the IOI task: from the click on "Run
 attribution" (EAP-IG-inputs, 5 steps) to the circuit graph's canvas on the Explore page, and, once the
 faithfulness curve is drawn, each slider move (one arrow key) to the updated faithfulness number. A move
-that leaves the faithfulness unchanged (two sizes that prune to the same circuit) is not counted. Needs
-Playwright and a Chromium (``--chromium``, default Debian's ``/usr/bin/chromium``). The last line
-printed is one JSON object.
+that leaves the faithfulness unchanged (two sizes that prune to the same circuit) is not counted. Then
+``--picks`` node picks (Enter in the "Find a node" box) to the node's drill-down on the page and to the end
+of the script run (the graph redrawn with the node ringed), and ``--edits`` hand edits (a node excluded,
+then the edit cleared) to the faithfulness of the edited circuit. Needs Playwright and a Chromium
+(``--chromium``, default Debian's ``/usr/bin/chromium``). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -31,8 +33,58 @@ from ui import server  # noqa: E402
 NUMBER = re.compile(r"^\s*-?\d+\.\d{4}\s*$")
 
 
-def drive(url: str, chromium: str, moves: int, settle_ms: int) -> tuple[float, list[tuple[int, float]]]:
-    """(seconds from Run attribution to the graph, (circuit size, seconds) per counted slider move)."""
+NODES = ("a3.h0", "m1", "a2.h1", "a1.h2", "input", "a0.h3", "m2", "a3.h2")
+
+
+def picks(page: Any, n: int) -> list[tuple[str, float, float]]:
+    """(node, seconds to its drill-down heading, seconds to the end of the run) per node picked."""
+    done = page.get_by_test_id("stStatusWidget")
+    out = []
+    for node in (NODES * n)[:n]:
+        page.get_by_role("combobox", name="Find a node").click()
+        page.keyboard.type(node)
+        page.get_by_role("option").first.wait_for()
+        start = time.perf_counter()
+        page.keyboard.press("Enter")
+        page.wait_for_function("n => [...document.querySelectorAll('h3')].some(h => h.innerText.trim() === 'Node ' + n)",
+                               arg=node, polling="raf")
+        shown = time.perf_counter() - start
+        page.wait_for_timeout(50)
+        done.wait_for(state="hidden")
+        out.append((node, shown, time.perf_counter() - start))
+        page.wait_for_timeout(300)
+    return out
+
+
+def edits(page: Any, n: int) -> list[float]:
+    """Seconds from a hand edit (a node excluded, or the edit cleared) to the faithfulness it gives."""
+    from playwright.sync_api import expect
+
+    faith = page.get_by_test_id("stMetric").filter(has_text="Faithfulness").get_by_test_id("stMetricValue").first
+    page.get_by_text("Edit the circuit").first.click()
+    out = []
+    for i in range(n):
+        before = faith.inner_text().strip()
+        page.get_by_role("combobox", name="Exclude (edges or nodes)").click()
+        page.keyboard.type(NODES[i % len(NODES)])
+        option = page.get_by_role("option", name=NODES[i % len(NODES)], exact=True)
+        start = time.perf_counter()
+        option.click()
+        expect(faith).not_to_have_text(before)
+        out.append(time.perf_counter() - start)
+        page.keyboard.press("Escape")
+        page.get_by_test_id("stStatusWidget").wait_for(state="hidden")
+        page.get_by_role("button", name="Clear the edits").click()
+        expect(faith).to_have_text(before)
+        page.get_by_text("Edit the circuit").first.click()
+        page.wait_for_timeout(300)
+    return out
+
+
+def drive(url: str, chromium: str, moves: int, settle_ms: int, n_picks: int = 0,
+          n_edits: int = 0) -> tuple[float, list[tuple[int, float]], list[tuple[str, float, float]], list[float]]:
+    """(seconds from Run attribution to the graph, (circuit size, seconds) per counted slider move,
+    :func:`picks`, :func:`edits`)."""
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=120_000)
@@ -64,8 +116,10 @@ def drive(url: str, chromium: str, moves: int, settle_ms: int) -> tuple[float, l
             except AssertionError:
                 pass  # the same circuit after pruning: nothing to update
             page.wait_for_timeout(settle_ms)  # let the rest of the page (graph, curve marker) settle
+        picked = picks(page, n_picks)
+        edited = edits(page, n_edits)
         browser.close()
-    return to_graph, times
+    return to_graph, times, picked, edited
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=128, help="the first PAIRS pairs of the IOI task")
     p.add_argument("--moves", type=int, default=10, help="slider moves (arrow key presses) to time")
     p.add_argument("--settle-ms", type=int, default=1000, help="pause after each move before the next key press")
+    p.add_argument("--picks", type=int, default=8, help="nodes picked for the drill-down (timed)")
+    p.add_argument("--edits", type=int, default=4, help="hand edits (timed)")
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     return p
 
@@ -88,16 +144,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         csv.write_text("".join(lines[: args.pairs + 1]))
         env = {"EAPCORE_APP_MODEL": args.model, "EAPCORE_APP_DATA": str(csv)}
         with server.running(env, Path(tmp) / "streamlit.log") as url:
-            to_graph, moves = drive(url, args.chromium, args.moves, args.settle_ms)
+            to_graph, moves, picked, edited = drive(url, args.chromium, args.moves, args.settle_ms, args.picks, args.edits)
     seconds = [t for _, t in moves]
+
+    def median(values: list[float]) -> float | None:
+        return round(statistics.median(values), 3) if values else None
+
     record = {
         "model": args.model, "pairs": args.pairs, "machine": common.machine("cpu"),
         "run_to_graph_s": round(to_graph, 2), "moves_counted": len(moves),
-        "move_median_s": round(statistics.median(seconds), 3) if moves else None,
-        "move_max_s": round(max(seconds), 3) if moves else None, "moves": [[n, round(t, 3)] for n, t in moves],
+        "move_median_s": median(seconds), "move_max_s": round(max(seconds), 3) if moves else None,
+        "moves": [[n, round(t, 3)] for n, t in moves],
+        "pick_to_drilldown_median_s": median([t for _, t, _ in picked]),
+        "pick_to_run_end_median_s": median([t for _, _, t in picked]),
+        "picks": [[node, round(a, 3), round(b, 3)] for node, a, b in picked],
+        "edit_median_s": median(edited), "edits": [round(t, 3) for t in edited],
     }
     print(f"Run attribution -> graph: {to_graph:.2f} s; slider move -> faithfulness: median "
-          f"{record['move_median_s']} s, max {record['move_max_s']} s over {len(moves)} moves")
+          f"{record['move_median_s']} s, max {record['move_max_s']} s over {len(moves)} moves; node pick -> "
+          f"drill-down: median {record['pick_to_drilldown_median_s']} s (run ends: {record['pick_to_run_end_median_s']} "
+          f"s); edit -> faithfulness: median {record['edit_median_s']} s")
     common.emit(record)
     return record
 

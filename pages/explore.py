@@ -120,8 +120,10 @@ def panel() -> None:
             if now.edits:
                 st.caption(edits.summary(result, now.unedited, now.dropped))
         style = graph_view.controls(graph, result.circuit)
-        widgets.show_graph(scores, result.circuit, style=style)
+        graph_slot = st.container()  # filled after the drill-down below it, which then shows first after a pick
         drilldown.panel(s.model_spec, s.pairs, scores, result.circuit, metric, style.picked)
+        with graph_slot:
+            widgets.show_graph(scores, result.circuit, style=style)
         if undefined:
             widgets.metric_row({"CPR (area under f)": UNDEFINED, "CMD (area under |1 - f|)": UNDEFINED},
                                {"CPR (area under f)": widgets.CPR_HELP, "CMD (area under |1 - f|)": widgets.CMD_HELP})

@@ -81,6 +81,25 @@ def set_size(page: Any, n: int) -> None:
     settle(page, 1200)
 
 
+def pick_node(page: Any, node: str) -> None:
+    """Pick ``node`` in Explore's "Find a node" box (ringed in the graph, drilled into below it)."""
+    page.get_by_role("combobox", name="Find a node").click()
+    page.keyboard.type(node)
+    page.get_by_role("option").first.wait_for()
+    page.keyboard.press("Enter")
+    settle(page, 1500)
+
+
+def exclude(page: Any, name: str) -> None:
+    """Exclude a node or an edge with Explore's circuit editor."""
+    page.get_by_text("Edit the circuit").first.click()
+    page.get_by_role("combobox", name="Exclude (edges or nodes)").click()
+    page.keyboard.type(name)
+    page.get_by_role("option", name=name, exact=True).click()
+    page.keyboard.press("Escape")
+    settle(page, 1200)
+
+
 # ----- the shots -----
 
 
@@ -125,6 +144,23 @@ def _explore_curve(page: Any) -> None:
 def _explore_graph(page: Any) -> None:
     run_attribution(page)
     page.locator('iframe[title="circuit graph"]').scroll_into_view_if_needed()
+    settle(page, 800)
+
+
+def _explore_drilldown(page: Any) -> None:
+    run_attribution(page)
+    pick_node(page, "a3.h0")
+    page.get_by_text("Edit the circuit").first.evaluate("e => e.scrollIntoView({block: 'start'})")  # the picker at the top
+    settle(page, 1000)
+
+
+def _explore_edit(page: Any) -> None:
+    run_attribution(page)
+    page.get_by_text("Show nodes outside the circuit").click()
+    settle(page, 600)
+    exclude(page, "a1.h2")  # a head of the top circuit
+    pick_node(page, "a3.h0")
+    page.get_by_text("Faithfulness").first.scroll_into_view_if_needed()
     settle(page, 800)
 
 
@@ -226,6 +262,10 @@ def _export_mib(page: Any) -> None:
 SHOTS = [
     Shot("explore", "Explore: the slider, the numbers and the circuit graph", _explore, height=1250),
     Shot("explore-curve", "Explore: the faithfulness curve with CPR and CMD", _explore_curve, height=1000),
+    Shot("explore-drilldown", "Explore: a node picked, ringed in the graph, and its drill-down", _explore_drilldown,
+         height=1500),
+    Shot("explore-edit", "Explore: a hand edit, its change in faithfulness, nodes outside the circuit faded",
+         _explore_edit, height=1250),
     Shot("model", "Model page", _model, height=900),
     Shot("data", "Data page: baselines and the token preview", _data, height=1250),
     Shot("attribute", "Attribute page: settings and the score heatmap", _attribute, height=1100),

@@ -36,7 +36,7 @@ from eapcore.evaluate import CircuitEvaluator
 from eapcore.graph import Graph, GraphConfig
 from eapcore.inspection import inspect_node
 from eapcore.memory import human
-from eapcore.models import ModelSpec, model_graph, resolve_source
+from eapcore.models import ModelSpec, resolve_source
 from eapcore.select import prune, top, top_n
 from eapcore.session import Session, save_session
 

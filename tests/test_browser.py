@@ -11,11 +11,9 @@ With CI=true a missing Chromium or Playwright is a failure, not a skip.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,94 +23,11 @@ import torch
 
 from eapcore.attribute import AttributionSpec, attribute
 from eapcore.data import PromptPairs
-from eapcore.models import DEMO_MODEL_DIR, ModelSpec, model_lock
-from eapcore.tasks import TASKS
-from ui import server as app_server
+from eapcore.models import ModelSpec, model_lock
 
-from conftest import CHROMIUM, TOY, attached_hooks, require
+from conftest import TIMEOUT_MS, TOY, Browser, attached_hooks, expect
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:  # reported by the browser fixture (a failure under CI=true)
-    expect = sync_playwright = None
-
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]
-TIMEOUT_MS = 180_000
-
-
-@pytest.fixture
-def server(tmp_path: Path):
-    """`streamlit run app.py` on a free port of 127.0.0.1 (the tiny model when the demo is missing); stopped at the end."""
-    env = {}
-    if not ((DEMO_MODEL_DIR / "config.json").exists() and TASKS["ioi"].csv.exists()):
-        from conftest import save_tiny_gpt2
-
-        env["EAPCORE_APP_MODEL"] = str(save_tiny_gpt2(tmp_path / "tiny"))
-        pd.DataFrame(TOY).to_csv(tmp_path / "toy.csv", index=False)
-        env["EAPCORE_APP_DATA"] = str(tmp_path / "toy.csv")
-    log = tmp_path / "streamlit.log"
-    with app_server.running(env, log) as url:
-        yield url, log
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    folder = Path(os.environ.get("EAPCORE_SCREENSHOTS") or tmp_path / "screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@dataclass
-class Browser:
-    """A Chromium page on the app's server; ``outside`` collects requests that left 127.0.0.1."""
-
-    page: Any
-    url: str
-    log: Path
-    outside: list[str] = field(default_factory=list)
-
-    def assert_clean(self) -> None:
-        assert self.outside == [], f"the app fetched resources from outside: {self.outside}"
-        assert "Traceback" not in self.log.read_text(), self.log.read_text()[-3000:]
-
-
-@pytest.fixture
-def chromium(server):
-    """Opens pages on the app's server: ``open(width, height, scheme)`` -> :class:`Browser`, with the default
-    model and task loaded (``scheme`` is the browser's colour scheme, which the app's theme follows)."""
-    require(Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM}")
-    require(sync_playwright is not None, "the playwright package is not installed")
-    expect.set_options(timeout=TIMEOUT_MS)
-    url, log = server
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-
-        def open_page(width: int = 1440, height: int = 1000, scheme: str = "light") -> Browser:
-            context = chromium.new_context(viewport={"width": width, "height": height}, color_scheme=scheme,
-                                           accept_downloads=True)
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            b = Browser(page, url, log)
-            page.on("request", lambda r: b.outside.append(r.url) if not r.url.startswith(("http://127.0.0.1", "data:", "blob:", "about:")) else None)
-            page.goto(url)
-            expect(page.get_by_text("graph edges")).to_be_visible()  # the default model loaded
-            expect(page.get_by_text("Data ready")).to_be_visible()  # and the default task
-            return b
-
-        try:
-            yield open_page
-        finally:
-            chromium.close()
-
-
-@pytest.fixture
-def browser(chromium):
-    return chromium()
 
 
 def test_browser_flow(browser: Browser, shots: Path) -> None:

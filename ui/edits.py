@@ -71,7 +71,7 @@ def editor(graph: Graph, circuit: Circuit, picked: str | None) -> None:
     s.setdefault("w_edit_include", list(chosen.include))
     s.setdefault("w_edit_exclude", list(chosen.exclude))
     c1, c2 = st.columns(2)
-    kwargs = dict(options=names, on_change=partial(_apply, graph), accept_new_options=True)
+    kwargs = dict(options=names, on_change=partial(_apply, graph), accept_new_options=True, select_all=False)
     c1.multiselect("Force include (edges or nodes)", key="w_edit_include", placeholder="e.g. a1.h2 or input->a1.h2<q>",
                    help="Type to search; names as in the .json circuit format", **kwargs)
     c2.multiselect("Exclude (edges or nodes)", key="w_edit_exclude", placeholder="e.g. m0 or a0.h1->logits",

@@ -4,7 +4,7 @@ Every node of the graph sits where :func:`ui.layout.node_positions` puts it (phy
 the circuit are faded or transparent, so the view, fitted to all of them, is the same for every circuit
 of a graph and nodes never move between slider moves. In a narrow frame (a phone) the layout is squeezed
 sideways so that the labels stay readable after the view is fitted; the page re-fits when the frame is
-resized. A legend sits under the graph. Hover a node or an edge for its score; drag to pan, scroll or
+resized. A legend sits under the graph (folded on a phone). Hover a node or an edge for its score; drag to pan, scroll or
 pinch to zoom.
 """
 
@@ -41,12 +41,16 @@ _FIT_TO_FRAME = """
   var xs = Object.keys(x0).map(function (k) { return x0[k]; });
   var spread = Math.max.apply(null, xs) - Math.min.apply(null, xs) + %(margin)d;
   function place() {
+    network.setSize("100%%", box.clientHeight + "px");  // the frame less the legend
     var squeeze = Math.min(1, Math.max(0.35, (box.clientWidth - 24) / spread));
     nodes.update(Object.keys(x0).map(function (k) { return {id: k, x: x0[k] * squeeze}; }));
     network.fit();
   }
+  var legend = document.getElementById("legend");
+  legend.open = window.innerWidth >= 600;
   place();
   window.addEventListener("resize", place);
+  legend.addEventListener("toggle", place);
   %(picked)s
 })();
 </script>
@@ -63,8 +67,9 @@ html, body { height: 100%; margin: 0; background: transparent; }
 body { display: flex; flex-direction: column; }
 .card { flex: 1 1 auto; min-height: 0; }
 #mynetwork { border: none !important; height: 100% !important; }
-.legend { flex: 0 0 auto; display: flex; flex-wrap: wrap; gap: 2px 12px; padding: 4px 6px;
-          font: 12px sans-serif; color: TEXT_COLOUR; }
+.legend { flex: 0 0 auto; padding: 2px 6px; font: 12px sans-serif; color: TEXT_COLOUR; }
+.legend summary { cursor: pointer; }
+.legend div { display: flex; flex-wrap: wrap; gap: 2px 12px; }
 .legend span { display: inline-flex; align-items: center; gap: 4px; white-space: nowrap; }
 .legend i { display: inline-block; }
 """
@@ -76,7 +81,7 @@ def _rgba(colour: str, alpha: float) -> str:
 
 
 def _legend(items: list[tuple[str, str, str]]) -> str:
-    """The legend as a strip of HTML under the graph."""
+    """The legend as a strip of HTML under the graph, folded into one line in a narrow frame (a phone)."""
     marks = {
         "node": '<i style="width:10px;height:10px;border-radius:50%%;background:%s"></i>',
         "ring": '<i style="width:8px;height:8px;border-radius:50%%;border:3px solid %s"></i>',
@@ -85,7 +90,7 @@ def _legend(items: list[tuple[str, str, str]]) -> str:
         "note": "",
     }
     spans = [f"<span>{marks[kind] % colour if colour else marks[kind]}{html.escape(text)}</span>" for kind, colour, text in items]
-    return f'<div class="legend" id="legend">{"".join(spans)}</div>'
+    return f'<details class="legend" id="legend"><summary>Legend</summary><div>{"".join(spans)}</div></details>'
 
 
 def pyvis_html(scores: Scores, circuit: Circuit, height_px: int = 620, max_edges: int = 600,

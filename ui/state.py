@@ -123,6 +123,8 @@ def set_scores(scores: Any, key: str, label: str, n_edges: int | None = None, pi
         s.pinned = {**pinned, "key": key}
     if n_edges is not None:
         s.n_edges = n_edges
+        for widget in ("w_n_slider", "w_n_box"):  # re-seeded from ``n_edges`` when Explore next draws them
+            s.pop(widget, None)
     elif level_changed or s.get("n_edges") is None or s.n_edges > scores.graph.n_edges:
         s.n_edges = None  # Explore picks its default (edges and nodes are counted differently)
 
