@@ -16,10 +16,10 @@ kept; on the corrupted run (whose own scale differs) it is that up to the change
 The tokens u *promotes* (*suppresses*) are the largest (smallest) entries of the clean run's d_u.
 
 **Direct effect** on the metric m, per run: ``m(L) − m(L − d_u)`` with that run's logits L and d_u, the
-metric minus the metric without u's direct path. For ``logit_diff`` (linear) it is the mean of d_u at the correct answers minus the mean
-at the incorrect ones (masked means, as :mod:`eapcore.metrics`); for ``prob_diff`` and ``kl_div`` (KL of
-the clean run's distribution to this run's, the clean logits being the clean run's) it is not linear,
-and the nodes' effects need not add up to the metric. Positive means u's direct path raises the metric
+metric minus the metric without u's direct path. For ``logit_diff`` (linear) it is the mean of d_u at the
+correct answers minus the mean at the incorrect ones (masked means, as :mod:`eapcore.metrics`); for
+``prob_diff`` and ``kl_div`` (KL of the clean run's distribution to this run's, the clean logits being the
+clean run's) it is not linear, and the nodes' effects need not add up to the metric. Positive means u's direct path raises the metric
 (harmful for ``kl_div``, where lower is better).
 
 The runs of a pair are computed once and kept per model (:func:`pair_runs`), so another node on the same

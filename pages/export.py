@@ -50,8 +50,8 @@ else:
         changes, style = now.edits, graph_view.style()
         c1.download_button(".pt (EAP-IG)", lambda: exports.pt_bytes(scores, circuit, provenance, changes), f"{stem}.pt",
                            "application/octet-stream", on_click="ignore", icon=":material/download:")
-        c2.download_button(".json (EAP-IG)", lambda: exports.json_bytes(scores, circuit, provenance, changes), f"{stem}.json",
-                           "application/json", on_click="ignore", icon=":material/download:")
+        c2.download_button(".json (EAP-IG)", lambda: exports.json_bytes(scores, circuit, provenance, changes),
+                           f"{stem}.json", "application/json", on_click="ignore", icon=":material/download:")
         c3.download_button("Circuit PNG", lambda: figures.circuit_png(scores, circuit, title=title, style=style),
                            f"{stem}.png", "image/png", on_click="ignore", icon=":material/image:")
         c4.download_button("Curve PNG", lambda: figures.curve_png(*curve, marker, unit, title, total),

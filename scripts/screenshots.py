@@ -127,6 +127,10 @@ def _data(page: Any) -> None:
 def _attribute(page: Any) -> None:
     run_attribution(page)
     open_page(page, "Attribute")
+    steps = page.get_by_role("spinbutton", name="IG steps", exact=True)  # a run not made yet: its cost shows
+    steps.fill("10")
+    steps.press("Enter")
+    settle(page)
     page.get_by_text("Scores (sources × destinations)").scroll_into_view_if_needed()
     settle(page, 1000)
 

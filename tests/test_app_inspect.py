@@ -252,7 +252,8 @@ def test_a_saved_session_opens_the_same_view_in_a_fresh_app(engine) -> None:
     selected[scores.graph.src_index[node]] = False
     selected[:, edges_into(scores.graph, node)] = False
     by_hand = prune(Circuit(scores.graph, selected, selected.any(1)))
-    assert shown == pytest.approx(CircuitEvaluator(model, data, "logit_diff", batch_size=128).faithfulness(by_hand), abs=2e-4)
+    evaluator = CircuitEvaluator(model, data, "logit_diff", batch_size=128)
+    assert shown == pytest.approx(evaluator.faithfulness(by_hand), abs=2e-4)
     assert any(h.value == f"Node `{node}`" for h in fresh.subheader)
 
 
@@ -263,7 +264,8 @@ def test_bad_session_files_are_refused_and_the_session_is_kept(engine, tmp_path)
     good = saved_session(at)
     other = io.BytesIO()
     pairs = PromptPairs.from_lists(["a b"], ["b a"], ["a"], ["b"])
-    save_session(other, Session(Graph(GraphConfig(n_layers=1, n_heads=1, d_model=8)), ModelSpec("tiny"), pairs, "x", "logit_diff"))
+    small = Graph(GraphConfig(n_layers=1, n_heads=1, d_model=8))
+    save_session(other, Session(small, ModelSpec("tiny"), pairs, "x", "logit_diff"))
     marker = tmp_path / "pwned"
     cases = [
         ("cut.zip", good[: len(good) // 2], r"cut\.zip was not loaded: .*not a valid eapcore session file: .*truncated"),

@@ -92,8 +92,8 @@ def test_the_url_reopens_the_same_view_after_a_reload_and_as_a_link(chromium) ->
     run_to_explore(page)
     set_size(page, 40)
     before = view(page)
-    assert before["path"] == "/explore" and before["query"]["size"] == ["40"] and before["query"]["run"][0].startswith("run:")
-    assert before["size"] == "40"
+    assert before["path"] == "/explore" and before["query"]["size"] == ["40"] and before["size"] == "40"
+    assert before["query"]["run"][0].startswith("run:")
 
     page.reload()
     expect(metric(page, "Faithfulness")).to_have_text(before["faithfulness"])
@@ -107,7 +107,8 @@ def test_the_url_reopens_the_same_view_after_a_reload_and_as_a_link(chromium) ->
     assert view(other.page) == before
 
     gone = chromium(link="/explore?run=run:00000000000000000000&size=40")
-    expect(gone.page.get_by_text(re.compile("names the run `?run:00000000000000000000`?, which this server does not hold"))).to_be_visible()
+    note = re.compile("names the run `?run:00000000000000000000`?, which this server does not hold")
+    expect(gone.page.get_by_text(note)).to_be_visible()
     for b in (browser, other, gone):
         b.assert_clean()
 

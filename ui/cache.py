@@ -123,13 +123,6 @@ def results() -> Store:
     return Store(32)
 
 
-@st.cache_resource(show_spinner=False)
-def views() -> Store:
-    """What a link needs besides a run's scores (:mod:`ui.url`): by attribution key, the :class:`RunView`
-    of runs made on this server (never of uploaded files)."""
-    return Store(32)
-
-
 @dataclass(frozen=True)
 class RunView:
     """The model, data and label a run was made with, to reopen it from a link."""
@@ -139,6 +132,13 @@ class RunView:
     data_label: str
     metric: str
     label: str
+
+
+@st.cache_resource(show_spinner=False)
+def views() -> Store:
+    """What a link needs besides a run's scores (:mod:`ui.url`): by attribution key, the :class:`RunView`
+    of runs made on this server (never of uploaded files)."""
+    return Store(32)
 
 
 @st.cache_resource(show_spinner=False)

@@ -115,5 +115,6 @@ def evaluation(ev: CircuitEvaluator) -> Current:
         s.explore_result = {"key": (base, changes), "evaluation": result, "unedited": unedited, "dropped": dropped,
                             "n": n, "faithfulness": result.faithfulness, "metric": result.metric,
                             "edges": result.circuit.n_edges, "nodes": result.circuit.n_nodes}
-    how = {"method": "imported", "file": s.get("pinned", {}).get("name")} if pin is not None else selection(scores, n, absolute)
+    how = ({"method": "imported", "file": s.get("pinned", {}).get("name")} if pin is not None
+           else selection(scores, n, absolute))
     return Current(result, unedited, changes, dropped, how, pin is not None)

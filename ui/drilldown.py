@@ -50,7 +50,8 @@ def attention_figure(pattern: Any, tokens: list[str], title: str) -> Any:
     ))
     axis = {"tickmode": "array", "tickvals": list(range(n)), "ticktext": labels, "tickfont": {"size": 11}}
     fig.update_layout(
-        title={"text": title, "font": {"size": 13}}, height=max(300, 22 * n + 140), margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        title={"text": title, "font": {"size": 13}}, height=max(300, 22 * n + 140),
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
         xaxis={**axis, "title": {"text": "key"}, "tickangle": -60, "side": "bottom"},
         yaxis={**axis, "title": {"text": "query"}, "autorange": "reversed"},
     )

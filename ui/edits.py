@@ -17,7 +17,7 @@ from eapcore.edits import Edits, apply_edits, from_provenance
 from eapcore.graph import Graph
 from eapcore.names import edge_names
 from eapcore.select import NODES, top, unit_of
-from ui import cache
+from ui import cache, state
 
 ALL_EDGES_UP_TO = 5000  # larger graphs offer the circuit's edges and those of the picked node (any name can be typed)
 HOW = ("Edits apply to the top circuit before pruning: an included edge is added; an included node is wired to "
@@ -88,8 +88,6 @@ def explore_imported(scores: Scores, circuit: Circuit, key: str, name: str) -> N
     """Select an imported circuit file's scores for Explore. A file that recorded edits on a top-n selection
     comes back live (that size, ranking and edits: the same circuit, still editable); any other is shown
     as it was saved (pinned, no edits) until the size is changed."""
-    from ui import state
-
     again = rederive(scores, circuit)
     if again is not None:
         n, absolute, changes = again
@@ -126,8 +124,9 @@ def summary(now: cache.Evaluation, before: cache.Evaluation, dropped: tuple[str,
     def faith(e: cache.Evaluation) -> str:
         return "undefined" if e.faithfulness is None else f"{e.faithfulness:.4f}"
 
-    line = (f"Edited: {now.circuit.n_edges - before.circuit.n_edges:+,} edges, {now.circuit.n_nodes - before.circuit.n_nodes:+} "
-            f"nodes against the unedited top circuit (faithfulness {faith(before)} → {faith(now)}).")
+    edges, nodes = now.circuit.n_edges - before.circuit.n_edges, now.circuit.n_nodes - before.circuit.n_nodes
+    line = (f"Edited: {edges:+,} edges, {nodes:+} nodes against the unedited top circuit (faithfulness "
+            f"{faith(before)} → {faith(now)}).")
     if dropped:
         line += f" Included but pruned away (no path from input to logits): {', '.join(dropped[:8])}."
     return line

@@ -86,7 +86,8 @@ def circuit_png(scores: Scores, circuit: Circuit, max_edges: int = 600, title: s
         if style.edge_labels:
             nx.draw_networkx_edge_labels(
                 nx.DiGraph(pairs), pos, edge_labels={(e.src, e.dst): edge_label(e) for e in group}, ax=ax, font_size=6,
-                connectionstyle=f"arc3,rad={rad}", bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
+                connectionstyle=f"arc3,rad={rad}",
+                bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
             )
     for name in drawn:
         kind = node_kind(name)

@@ -89,7 +89,8 @@ def _legend(items: list[tuple[str, str, str]]) -> str:
         "edge-": '<i style="width:18px;border-top:3px dashed %s"></i>',
         "note": "",
     }
-    spans = [f"<span>{marks[kind] % colour if colour else marks[kind]}{html.escape(text)}</span>" for kind, colour, text in items]
+    spans = [f"<span>{marks[kind] % colour if colour else marks[kind]}{html.escape(text)}</span>"
+             for kind, colour, text in items]
     return f'<details class="legend" id="legend"><summary>Legend</summary><div>{"".join(spans)}</div></details>'
 
 

@@ -41,7 +41,8 @@ def controls(graph: Graph, circuit: Circuit) -> GraphStyle:
                  format_func=lambda n: n if n in members else f"{n} (outside the circuit)",
                  on_change=lambda: setattr(s, "node", s.w_node),
                  help="Rings the node in the graph and shows what it does below the graph")
-    c2.toggle("Show nodes outside the circuit", key="w_graph_faded", on_change=lambda: setattr(s, "graph_faded", s.w_graph_faded),
+    c2.toggle("Show nodes outside the circuit", key="w_graph_faded",
+              on_change=lambda: setattr(s, "graph_faded", s.w_graph_faded),
               help="Faded, in their places; off: hidden (they keep their places, so nothing moves)")
     c3.toggle("Edge labels", key="w_edge_labels", on_change=lambda: setattr(s, "edge_labels", s.w_edge_labels),
               help="Write each edge's score on it")

@@ -6,8 +6,9 @@ attribution settings and scores), the selected run, the circuit size and ranking
 picked node and the page. Loading checks the whole file first (:func:`eapcore.session.load_session`, never
 unpickled) against the loaded model's graph, then loads the session's model; only then is the browser
 session replaced, so a refused file changes nothing. Runs lacking attribution settings (circuit files from
-other tools) are left out of a saved session, which says so. Keys: ``page`` (the page shown, set by
-``app.py``), ``session_error``, ``session_loaded`` (the upload applied last).
+other tools) are left out of a saved session, which says so; an imported circuit shown as it was saved
+comes back as the top circuit of its size. Keys: ``page`` (the page shown, set by ``app.py``),
+``session_error``, ``session_loaded`` (the upload applied last).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def _get(s: Any, key: str, default: Any = None) -> Any:
 
 def snapshot(s: Any) -> tuple[Session, list[str]]:
     """The session held in ``s`` (``st.session_state``), and the labels of runs left out (no settings)."""
+    if _get(s, "pairs") is None:
+        raise ValueError("there are no prompt pairs")
     spec = s["model_spec"]
     graph = model_graph(cache.get_model(spec))
     runs, left_out = [], []
@@ -93,14 +96,16 @@ def sidebar() -> None:
     """Save the session (a download) and load one (an upload), in the current container."""
     s = st.session_state
     with st.expander("Save or load the session", icon=":material/save:"):
-        if s.get("pairs") is not None:
-            with state.guard("The session cannot be saved"):
-                session, left_out = snapshot(s)
-                st.download_button("Save session", lambda: to_bytes(session), "eapcore-session.zip", "application/zip",
-                                   on_click="ignore", icon=":material/download:", key="save_session",
-                                   help="Model, data, every run, the selected run and size, edits, the picked node")
-                if left_out:
-                    st.caption(f"Left out (no attribution settings): {', '.join(left_out)}.")
+        try:
+            session, left_out = snapshot(s)
+        except Exception as e:  # noqa: BLE001 - no model or no data to save (the page says more)
+            st.caption(f"Nothing to save yet: {str(e)[:160]}")
+        else:
+            st.download_button("Save session", lambda: to_bytes(session), "eapcore-session.zip", "application/zip",
+                               on_click="ignore", icon=":material/download:", key="save_session",
+                               help="Model, data, every run, the selected run and size, edits, the picked node")
+            if left_out:
+                st.caption(f"Left out (no attribution settings): {', '.join(left_out)}.")
         upload = st.file_uploader("Load a session", type=["zip"], key="w_session_file",
                                   help="A file saved here; it replaces this session (checked first, never unpickled)")
         if upload is not None and s.get("session_loaded") != upload.file_id:

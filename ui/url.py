@@ -55,7 +55,8 @@ def restore() -> None:
         if size.isdigit() and int(size) <= total:
             s.n_edges = int(size)
         else:
-            s.url_note = f"The link's circuit size `{size}` does not fit this run (0 to {total:,}); showing the default size."
+            s.url_note = (f"The link's circuit size `{size}` does not fit this run (0 to {total:,}); showing the "
+                          "default size.")
 
 
 def show_note() -> None:
