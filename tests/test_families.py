@@ -292,8 +292,9 @@ def test_activation_interpolation_and_node_scores_equal_exact_derivatives(family
 
 def test_post_normed_heads_direct_logits_add_up_to_the_logits(family, data):
     """The drill-down reads each head after its layer's post-norm: with no biases or positional embeddings in
-    these families, the direct logits of all nodes add up to the logits. Gemma-2's final soft-capping is not
-    affine, so the drill-down refuses it."""
+    these families, the direct logits of all nodes add up to the clean logits, and on the corrupted run
+    (read through the final norm at the clean run's scale) to the corrupted logits times the ratio of the
+    two runs' final-norm scales. Gemma-2's final soft-capping is not affine, so the drill-down refuses it."""
     name, _, model = family
     if not families.of(model).post_norm:
         pytest.skip("a family without post-norms (its direct logits: tests/test_inspection.py)")
@@ -305,7 +306,10 @@ def test_post_normed_heads_direct_logits_add_up_to_the_logits(family, data):
         return
     runs = inspection.pair_runs(model, data, 0)
     total = sum(inspection.direct_logits(model, runs, row) for row in range(model_graph(model).n_forward))
-    torch.testing.assert_close(total, runs.logits.double(), rtol=0, atol=1e-6 * float(runs.logits.abs().max()))
+    scale = runs.scale.double()
+    expected = runs.logits.double() * torch.cat([scale[:1] / scale[:1], scale[1:] / scale[:1]])
+    assert abs(float(scale[1] / scale[0]) - 1) > 1e-3  # the two scales differ: the rescaling is not vacuous
+    torch.testing.assert_close(total, expected, rtol=0, atol=1e-6 * float(runs.logits.abs().max()))
 
 
 def test_full_circuit_is_clean_and_empty_is_corrupted(family, data):
