@@ -95,7 +95,8 @@ def exclude(page: Any, name: str) -> None:
     page.get_by_text("Edit the circuit").first.click()
     page.get_by_role("combobox", name="Exclude (edges or nodes)").click()
     page.keyboard.type(name)
-    page.get_by_role("option", name=name, exact=True).click()
+    page.get_by_role("option", name=name, exact=True).wait_for()
+    page.keyboard.press("Enter")  # the typed name (a click on the list could land while it re-renders)
     page.keyboard.press("Escape")
     settle(page, 1200)
 
