@@ -12,7 +12,7 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 
 from eapcore.threads import configure_threads  # noqa: E402
-from ui import sessions, state, url, widgets  # noqa: E402
+from ui import cache, sessions, state, url, widgets  # noqa: E402
 
 st.set_page_config(page_title="EAP-IG circuit explorer", page_icon=str(widgets.FAVICON), layout="wide")
 configure_threads()
@@ -36,7 +36,8 @@ with st.sidebar:
     sessions.sidebar()
 state.show_interrupted()  # on whichever page comes next: a cancelled or interrupted attribution says so
 url.show_note()
-page.run()
+with cache.queue_notice(st.empty()):  # a wait for the model (another session's run) says so and can be left
+    page.run()
 with status.container():  # again, with what the page changed (a page that stops early keeps the first)
     widgets.sidebar_status()
 url.sync()

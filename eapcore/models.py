@@ -26,6 +26,7 @@ import torch
 from eapcore import families
 from eapcore.families import architecture
 from eapcore.graph import Graph, GraphConfig
+from eapcore.shared import FairLock
 from eapcore.sites import destinations, output_reader, per_column, sources
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -390,13 +391,14 @@ def frozen(model: Any) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-_LOCKS: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS: "weakref.WeakKeyDictionary[Any, FairLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
-def model_lock(model: Any) -> threading.RLock:
-    """The lock that serializes hooked passes on ``model`` (hooks are global state on the model)."""
+def model_lock(model: Any) -> FairLock:
+    """The lock that serializes passes through ``model``'s bridge (hooks are global state on the model),
+    served in arrival order (:mod:`eapcore.shared`)."""
     with _LOCKS_GUARD:
         if model not in _LOCKS:
-            _LOCKS[model] = threading.RLock()
+            _LOCKS[model] = FairLock()
         return _LOCKS[model]

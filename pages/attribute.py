@@ -69,6 +69,10 @@ if spec is not None:
             st.caption(f"Estimated: {estimate.summary()}", help=COST_HELP)
             if estimate.warning:
                 st.warning(f"Memory: {estimate.warning}", icon=":material/memory:")
+        busy, queued = cache.model_queue(s.model_spec)
+        if busy and not cached:
+            st.caption(f"The model is busy with another session's run{f' and {queued} waiting' if queued else ''}: "
+                       "a new run waits its turn (first come, first served).")
         if cache.get_unknown_words(s.model_spec, s.pairs):
             st.warning("Some prompt words are unknown to the tokenizer (see the Data page).", icon=":material/warning:")
         b1, b2, b3 = st.columns([1.1, 0.8, 3])
@@ -81,18 +85,22 @@ if spec is not None:
             with state.guard("Attribution failed"):
                 bar = st.progress(0.0, text="Loading the model and data ...")
                 cache.get_data(s.model_spec, s.pairs)
-                start = time.perf_counter()
+                clock = {"start": time.perf_counter()}
 
                 def progress(done: int, total: int) -> None:
                     # Each update is also where Streamlit stops this run when Cancel (or another widget) is clicked.
-                    elapsed = time.perf_counter() - start
+                    elapsed = time.perf_counter() - clock["start"]
                     eta = elapsed / done * (total - done) if done else 0.0
                     bar.progress(done / total, text=f"{done}/{total} passes · {elapsed:.1f} s elapsed · about {eta:.1f} s left")
+
+                def waiting(position: int) -> None:  # as often as progress: Cancel stops the wait too
+                    clock["start"] = time.perf_counter()
+                    bar.progress(0.0, text=f"Waiting for the model: position {position} (other sessions' runs go first)")
 
                 cancel_slot.button("Cancel", icon=":material/stop:", key="cancel_attribution", on_click=state.request_cancel,
                                    help="Stop this attribution; the previous scores are kept")
                 with state.interruptible("Attribution", cancel_slot):
-                    scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress)
+                    scores, key, timing = cache.run_attribution(s.model_spec, s.pairs, spec, progress, waiting)
                 bar.progress(1.0, text="cached result" if timing.cached else f"done in {timing.seconds:.1f} s")
                 label = f"{run_label(scores.provenance)}, {s.data_label}"
                 state.set_scores(scores, key, label)

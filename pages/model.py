@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
+import torch
 
 from eapcore.models import DTYPES, ModelSpec, model_graph
 from ui import cache, state, widgets
@@ -59,3 +61,16 @@ with state.guard("Could not load the model"):
             st.success(f"Data ready: {s.data_label}, {len(data)} pairs; {s.metric} clean {base.clean:.3f}, "
                        f"corrupted {base.corrupted:.3f}.", icon=":material/check_circle:")
     st.page_link("pages/data.py", label="Next: data", icon=":material/arrow_forward:")
+
+with st.expander("Server memory: what is kept for all sessions", icon=":material/storage:"):
+    with state.guard("Memory"):
+        for device, line in cache.memory_in_use().items():
+            st.caption(f"**{device}**: {line}")
+        if not torch.cuda.is_available():
+            st.caption("No GPU on this server: models and caches are in host memory (no GPU memory in use).")
+        rows = cache.kept()
+        st.dataframe(pd.DataFrame(rows, columns=["kind", "what", "size", "last used"]), hide_index=True, width="stretch")
+        st.caption("Models, tokenized data, evaluators (their cached activations) and results are shared by every "
+                   "session and dropped least recently used when a device passes its budget (a model's data and "
+                   "evaluators with it); an administrator sets the budgets with EAPCORE_CACHE_RAM and "
+                   "EAPCORE_CACHE_GPU (docs/server.md).")

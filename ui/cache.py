@@ -1,21 +1,29 @@
-"""Process-wide caches shared by every browser session.
+"""Process-wide caches shared by every browser session, bounded in bytes (:mod:`ui.budget`).
 
-The model is loaded once per :class:`ModelSpec`; tokenized data and evaluators once per (model, data
-fingerprint, metric, batch size); attribution results and faithfulness curves are kept in stores keyed
-by their specs, so the same run again (or after a browser reload) is instant. Attribution and
-evaluation take the model's lock inside ``eapcore`` (hooks are global state on the shared model).
+The model is loaded once per device (its spec normalised: :func:`canonical`); tokenized data and
+evaluators once per (model, data fingerprint, metric, batch size); attribution results and faithfulness
+curves are kept in stores keyed by their specs, so the same run again (or after a browser reload) is
+instant. All of them are entries of one :class:`~ui.budget.Budget`, dropped least recently used when a
+device passes its budget; a model's data and evaluators go with it. Passes through the model's bridge
+take its turn inside ``eapcore`` (:func:`eapcore.models.model_lock`, first come first served); the sparse
+evaluation engine needs none, so slider moves never wait for another session's attribution.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, astuple, dataclass
-from typing import Any, Callable
+from dataclasses import asdict, astuple, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import streamlit as st
+import torch
 
 from eapcore.attribute import AttributionSpec
 from eapcore.cost import timed_attribute
@@ -26,62 +34,112 @@ from eapcore.evaluate import CircuitEvaluator, normalized
 from eapcore.gap import faithfulness, no_gap
 from eapcore.memory import parameter_count
 from eapcore.methods import get_method
-from eapcore.models import ModelSpec, load_model, model_graph
+from eapcore.models import ModelSpec, default_device, load_model, model_graph, model_lock, source_name
+from eapcore.roots import allowed_roots, check_model_source, is_local
 from eapcore.select import top
+from eapcore.shared import reporting
 from eapcore.sizes import fine_grid, sizes_for_percents
 from eapcore.tokens import UnknownWord, unknown_words
 from eapcore.vocabulary import tokenize_for
+from ui.budget import Budget
+from ui.state import ENV_MODEL
 
 EVAL_BATCH = 128
+_BUDGET = Budget()
 
 
-@st.cache_resource(show_spinner=False, max_entries=3)
+def budget() -> Budget:
+    """Everything the app keeps for all sessions (one per process)."""
+    return _BUDGET
+
+
+def canonical(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with the device it resolves to (``auto`` is ``cuda:0`` on a GPU machine, ``cuda`` the current
+    GPU) and a local folder's real path (``demo`` for the shipped model's): one key, one copy per device."""
+    name = source_name(str(Path(spec.name).expanduser().resolve())) if is_local(spec.name) else spec.name
+    device = spec.device
+    if spec.device_map is None and (spec.n_devices or 1) <= 1:
+        dev = torch.device(device or default_device())
+        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())
+        device = str(dev)
+    return replace(spec, name=name, device=device)
+
+
+def readable_roots() -> list[Path]:
+    """Where the app may load model folders from: :func:`eapcore.roots.allowed_roots`, plus the folder of
+    the default model that the administrator set (``EAPCORE_APP_MODEL``)."""
+    default = os.environ.get(ENV_MODEL, "")
+    return allowed_roots([default] if default and is_local(default) else [])
+
+
+_FROZEN = threading.Lock()
+_frozen = False
+
+
+def _freeze_startup_heap() -> None:
+    """Move everything alive before the first model load (the libraries: about half a million objects) out
+    of the garbage collector's way, once: a full collection of that heap would pause a slider move now and
+    then (benchmarks/README.md, Explorer). Models, evaluators and results, made later, stay collectible."""
+    global _frozen
+    with _FROZEN:
+        if not _frozen:
+            import transformer_lens.model_bridge  # noqa: F401 - its imports (transformers) belong to the libraries
+
+            gc.collect()
+            gc.freeze()
+            _frozen = True
+
+
 def get_model(spec: ModelSpec) -> Any:
-    """The shared, frozen TransformerBridge for ``spec`` (loaded once per process). Everything alive after
-    the load (libraries, the model) is moved out of the garbage collector's way: a full collection of
-    that heap would otherwise pause a slider move now and then (benchmarks/README.md, Explorer)."""
-    import gc
+    """The shared TransformerBridge for ``spec`` (loaded once per device and kept within the budget).
+    A local folder outside :func:`readable_roots` raises :class:`~eapcore.roots.ForbiddenPathError`."""
+    check_model_source(spec.name, readable_roots())
+    spec = canonical(spec)
+    key = ("model", spec)
 
-    model = load_model(spec)
-    gc.collect()
-    gc.freeze()
-    return model
+    def make() -> Any:
+        _freeze_startup_heap()
+        return load_model(spec)
+
+    return _BUDGET.get_or_make(key, make, "model", f"{spec.name} ({spec.device or spec.device_map}, {spec.dtype})")
 
 
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _tokenized(spec: ModelSpec, fingerprint: str, _pairs: PromptPairs) -> TokenizedPairs:
-    model = get_model(spec)
-    return tokenize_for(_pairs, model)
+def _model_key(spec: ModelSpec) -> tuple:
+    return ("model", canonical(spec))
 
 
 def get_data(spec: ModelSpec, pairs: PromptPairs) -> TokenizedPairs:
     """``pairs`` tokenized for the model of ``spec``; raises ``DataError`` naming the bad row."""
-    return _tokenized(spec, pairs.fingerprint(), pairs)
-
-
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _unknown(spec: ModelSpec, fingerprint: str, _pairs: PromptPairs) -> list[UnknownWord]:
-    return unknown_words(get_model(spec).tokenizer, _pairs)
+    model = get_model(spec)
+    key = ("data", canonical(spec), pairs.fingerprint())
+    return _BUDGET.get_or_make(key, lambda: tokenize_for(pairs, model), "data", f"{len(pairs)} pairs tokenized",
+                               [_model_key(spec)])
 
 
 def get_unknown_words(spec: ModelSpec, pairs: PromptPairs) -> list[UnknownWord]:
     """Words of the prompts that the model's tokenizer turns into its unknown token (at most 20)."""
-    return _unknown(spec, pairs.fingerprint(), pairs)
-
-
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _evaluator(
-    spec: ModelSpec, fingerprint: str, metric: str, intervention: str, batch_size: int, _pairs: PromptPairs
-) -> CircuitEvaluator:
-    return CircuitEvaluator(get_model(spec), get_data(spec, _pairs), metric, batch_size, intervention=intervention)
+    model = get_model(spec)
+    key = ("unknown", canonical(spec), pairs.fingerprint())
+    return _BUDGET.get_or_make(key, lambda: unknown_words(model.tokenizer, pairs), "unknown words",
+                               f"unknown words of {len(pairs)} pairs", [_model_key(spec)])
 
 
 def get_evaluator(
     spec: ModelSpec, pairs: PromptPairs, metric: str, intervention: str = "patching", batch_size: int = EVAL_BATCH
 ) -> CircuitEvaluator:
     """The shared evaluator for (model, data, metric, intervention); what ablated sources carry is
-    computed on first use and kept."""
-    return _evaluator(spec, pairs.fingerprint(), metric, intervention, batch_size, pairs)
+    computed when it is made (so that its size is known) and kept."""
+    model, data = get_model(spec), get_data(spec, pairs)
+    key = ("evaluator", canonical(spec), pairs.fingerprint(), metric, intervention, batch_size)
+
+    def make() -> CircuitEvaluator:
+        evaluator = CircuitEvaluator(model, data, metric, batch_size, intervention=intervention)
+        evaluator.baseline()
+        return evaluator
+
+    return _BUDGET.get_or_make(key, make, "evaluator", f"evaluator: {len(pairs)} pairs, {metric}, {intervention}",
+                               [_model_key(spec), ("data", canonical(spec), pairs.fingerprint())])
 
 
 def intervention_of(scores: Scores) -> str:
@@ -89,38 +147,44 @@ def intervention_of(scores: Scores) -> str:
 
 
 class Store:
-    """A small thread-safe LRU dict shared by all sessions."""
+    """A small thread-safe LRU dict shared by all sessions: at most ``size`` items, each an entry of the
+    budget (so it also goes when memory is short), labelled ``kind``."""
 
-    def __init__(self, size: int) -> None:
-        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+    def __init__(self, size: int, kind: str = "store") -> None:
+        self.size, self.kind, self._keys, self._lock = size, kind, OrderedDict(), threading.Lock()
 
     def get(self, key: Any) -> Any:
+        value = _BUDGET.get((id(self), key))
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            return None
+            if value is None:
+                self._keys.pop(key, None)
+            elif key in self._keys:
+                self._keys.move_to_end(key)
+        return value
 
     def put(self, key: Any, value: Any) -> None:
+        _BUDGET.put((id(self), key), value, self.kind, f"{self.kind} {str(key)[:40]}")
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+            old = [self._keys.popitem(last=False)[0] for _ in range(len(self._keys) - self.size)]
+        for k in old:
+            _BUDGET.discard((id(self), k))
 
     def __contains__(self, key: Any) -> bool:
-        with self._lock:
-            return key in self._items
+        return (id(self), key) in _BUDGET
 
     def clear(self) -> None:
         with self._lock:
-            self._items.clear()
+            old, self._keys = list(self._keys), OrderedDict()
+        for k in old:
+            _BUDGET.discard((id(self), k))
 
 
 @st.cache_resource(show_spinner=False)
 def results() -> Store:
     """Attribution results by (ModelSpec, data fingerprint, AttributionSpec)."""
-    return Store(32)
+    return Store(32, "result")
 
 
 @dataclass(frozen=True)
@@ -138,13 +202,13 @@ class RunView:
 def views() -> Store:
     """What a link needs besides a run's scores (:mod:`ui.url`): by attribution key, the :class:`RunView`
     of runs made on this server (never of uploaded files)."""
-    return Store(32)
+    return Store(32, "view")
 
 
 @st.cache_resource(show_spinner=False)
 def curves() -> Store:
     """Faithfulness curves by (scores key, data fingerprint, metric, absolute)."""
-    return Store(32)
+    return Store(32, "curve")
 
 
 def attribution_key(spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpec) -> str:
@@ -156,7 +220,7 @@ def attribution_key(spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpec) 
         fields["metric"] = None
     if not method.uses_intervention:
         fields["intervention"] = None
-    blob = repr((astuple(spec), pairs.fingerprint(), tuple(fields.values())))
+    blob = repr((astuple(canonical(spec)), pairs.fingerprint(), tuple(fields.values())))
     return "run:" + hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -167,18 +231,44 @@ class Timing:
 
 
 def run_attribution(
-    spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpec, progress: Callable[[int, int], None] | None = None
+    spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpec, progress: Callable[[int, int], None] | None = None,
+    waiting: Callable[[int], None] | None = None,
 ) -> tuple[Scores, str, Timing]:
-    """Scores for (model, data, spec): from the store when this run was done before, else computed."""
+    """Scores for (model, data, spec): from the store when this run was done before, else computed when
+    the model's turn comes (``waiting(position)`` is called while other sessions' runs go first; raise
+    from it to stop waiting). ``Timing.seconds`` counts from the turn."""
     key = attribution_key(spec, pairs, attr)
     hit = results().get(key)
     if hit is not None:
         return hit, key, Timing(0.0, True)
-    start = time.perf_counter()
-    model = get_model(spec)
-    scores = timed_attribute(model, get_data(spec, pairs), attr, progress=progress).cpu()  # its speed refines estimates
+    model, data = get_model(spec), get_data(spec, pairs)
+    with reporting(waiting) if waiting is not None else contextlib.nullcontext(), model_lock(model):
+        start = time.perf_counter()
+        scores = timed_attribute(model, data, attr, progress=progress).cpu()  # its speed refines estimates
     results().put(key, scores)
     return scores, key, Timing(time.perf_counter() - start, False)
+
+
+def model_queue(spec: ModelSpec) -> tuple[bool, int]:
+    """(whether the model of ``spec`` is busy with a pass through its bridge, how many sessions wait for it)."""
+    return model_lock(get_model(spec)).state()
+
+
+@contextlib.contextmanager
+def queue_notice(slot: Any) -> Iterator[None]:
+    """While inside, a wait for a model's turn shows "waiting for the model: position N" in ``slot`` (an
+    ``st.empty``), which each report redraws (that is where Streamlit can stop the run); cleared after."""
+    waited = []
+
+    def report(position: int) -> None:
+        waited.append(position)
+        slot.info(f"Waiting for the model: position {position} in the queue (another session's run is using it).",
+                  icon=":material/hourglass_top:")
+
+    with reporting(report):
+        yield
+    if waited:
+        slot.empty()
 
 
 def cached_attribution(spec: ModelSpec, pairs: PromptPairs, attr: AttributionSpec) -> Scores | None:
@@ -242,13 +332,13 @@ def get_curves(
 @st.cache_resource(show_spinner=False)
 def checks() -> Store:
     """Trust-check results (verify, per prompt, robustness, compare) by run, circuit, data, metric and settings."""
-    return Store(64)
+    return Store(64, "check")
 
 
 @st.cache_resource(show_spinner=False)
 def circuit_metrics() -> Store:
     """Per-example metrics ``[n_examples]`` of evaluated circuits by (model, evaluator key, circuit)."""
-    return Store(512)
+    return Store(512, "circuit metric")
 
 
 def circuit_key(circuit: Circuit) -> str:
@@ -305,3 +395,34 @@ def model_facts(spec: ModelSpec) -> dict[str, Any]:
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
+
+
+def kept() -> list[dict[str, Any]]:
+    """What the server keeps for all sessions, most recently used first: kind, what, size per device, the
+    seconds since it was last used."""
+    from eapcore.memory import human
+
+    now = time.monotonic()
+    return [{"kind": e.kind, "what": e.label,
+             "size": ", ".join(f"{human(n)} on {d}" for d, n in sorted((e.sizes or {}).items())) or "0 B",
+             "bytes": e.nbytes, "last used": f"{now - e.used:.0f} s ago"} for _, e in _BUDGET.entries()]
+
+
+def memory_in_use() -> dict[str, str]:
+    """Per device: what the cache keeps against its budget; on CUDA also what PyTorch has allocated and
+    reserved there; on the CPU the process's resident memory."""
+    from eapcore.memory import human, rss_bytes
+
+    totals = _BUDGET.totals()
+    devices = sorted({"cpu", *totals, *(f"cuda:{i}" for i in range(torch.cuda.device_count()))})
+    out = {}
+    for d in devices:
+        line = f"cache {human(totals.get(d, 0))} of {human(_BUDGET.limit(d))}"
+        if d.startswith("cuda"):
+            line += (f"; PyTorch allocated {human(torch.cuda.memory_allocated(d))}, reserved "
+                     f"{human(torch.cuda.memory_reserved(d))} of {human(torch.cuda.get_device_properties(d).total_memory)}")
+        else:
+            with contextlib.suppress(OSError):
+                line += f"; the server process uses {human(rss_bytes())}"
+        out[d] = line
+    return out
