@@ -6,10 +6,15 @@ or ``hooked``, one forward pass per batch of the clean prompt in which every des
 Σ_{u not in circuit} ``patch``_u, with ``patch`` = ablated − actual (actual: u's output in this same
 intervened run): each destination then sees its in-circuit parents' actual outputs and its
 out-of-circuit parents' ablated ones.
+
+Passes through the model's bridge (preparing the cache, the hooked engine) take the model's turn
+(:func:`eapcore.models.model_lock`); the sparse engine computes from hook-free views of the modules
+(:func:`eapcore.shared.hook_free`), so it runs beside another thread's hooked pass without waiting.
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -71,20 +76,23 @@ class CircuitEvaluator:
         self._prepared_batches: list[_Prepared] | None = None
         self._empty: float | None = None
         self._held: Held | None = None  # the circuit whose node outputs the sparse runners hold (eapcore.sparse_plan)
+        self._preparing = threading.Lock()  # the cached runs, made once however many threads ask
+        self._holding = threading.Lock()  # the runners' held outputs: one sparse evaluation at a time
 
     # ----- cached runs -----
     def _prepared(self) -> list[_Prepared]:
         """The cached runs, made once: a second session that asks while the first makes them waits for them."""
         if self._prepared_batches is None:
-            with self._memory_advice(), model_lock(self.model), torch.inference_mode():
-                if self._prepared_batches is not None:
-                    return self._prepared_batches
-                intervention = make_intervention(
-                    self.intervention_kind, self.model, self.graph, self.reference or self.data, self.batch_size
-                )
-                self._prepared_batches = [
-                    self._prepare(b, intervention) for b in self.data.batches(self.batch_size, model_device(self.model))
-                ]
+            with self._preparing:
+                if self._prepared_batches is None:
+                    with self._memory_advice(), model_lock(self.model), torch.inference_mode():
+                        intervention = make_intervention(
+                            self.intervention_kind, self.model, self.graph, self.reference or self.data, self.batch_size
+                        )
+                        self._prepared_batches = [
+                            self._prepare(b, intervention)
+                            for b in self.data.batches(self.batch_size, model_device(self.model))
+                        ]
         return self._prepared_batches
 
     @contextmanager
@@ -161,14 +169,15 @@ class CircuitEvaluator:
         if reuse_clean and neurons is None and bool(kept.eq(real).all()):  # the full graph: the clean run, cached
             return [use(p, p.clean_readout) for p in prepared]
         values = []
-        with self._memory_advice(), model_lock(self.model), torch.inference_mode():
-            if self.engine == "sparse" and neurons is None:
+        if self.engine == "sparse" and neurons is None:  # no pass through the bridge: no turn at the model
+            with self._memory_advice(), self._holding, torch.inference_mode():
                 plan = make_plan(self.graph, kept, self._held, like.device, like.dtype)
                 self._held = None  # until every batch's runner holds the plan's circuit
                 for p in prepared:
                     values.append(use(p, p.runner.readout(plan)))
                 self._held = plan.held
-                return values
+            return values
+        with self._memory_advice(), model_lock(self.model), torch.inference_mode():
             patches = _Patches(self.model, self.graph, real & ~kept, kept, neurons, like)
             for p in prepared:
                 logits = self.model.run_with_hooks(p.batch.clean, fwd_hooks=patches.hooks(p.ablated))
@@ -218,7 +227,7 @@ class CircuitEvaluator:
     def forget(self) -> None:
         """Drop the node outputs kept from the last evaluation (their memory: one more copy of the ablated
         outputs); the next evaluation computes every node its circuit needs."""
-        with model_lock(self.model):
+        with self._holding:
             self._held = None
             for p in self._prepared_batches or []:
                 if p.runner is not None:

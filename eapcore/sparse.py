@@ -7,6 +7,10 @@ outgoing edges are all outside C is never computed, heads are computed one by on
 inputs, and the logits only at each example's last real token. A small circuit costs a fraction of a
 forward pass; the full graph about one. Same values as the hooked engine (tests/test_evaluate.py). Runs the
 families whose :class:`~eapcore.families.Family` has ``sparse`` (:mod:`eapcore.backends` decides).
+
+It calls only hook-free views of the Hugging Face modules (:func:`eapcore.shared.hook_free`: no bridge
+component, no hook point; the same weights) and reads weight tensors, so it computes the same whatever
+another thread has hooked or switched on the bridge, and needs no turn at the model.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from eapcore import families
 from eapcore.graph import QKV, Graph
 from eapcore.heads import HeadWeights, head_weights
 from eapcore.recording import Hook, record
+from eapcore.shared import hook_free
 from eapcore.sites import Destination, destinations
 from eapcore.sparse_plan import Plan, Read
 
@@ -73,13 +78,13 @@ class _Layer:
 
 
 def _layer(model: Any, layer: int) -> _Layer:
+    """The layer's modules as hook-free views (:func:`eapcore.shared.hook_free`) and its head weights."""
     block = model.blocks[layer]
     hf_attn = block.attn.original_component
     scaling = float(getattr(hf_attn, "scaling", model.cfg.d_head**-0.5))
-    norms = {w: getattr(hf_attn, f"{w}_norm") for w in "qk"} if families.of(model).qk_norm else {}
-    mlp = block.mlp.original_component
-    return _Layer(block.ln1.original_component, block.ln2.original_component, _mlp(mlp), head_weights(model, layer),
-                  scaling, norms)
+    norms = {w: hook_free(getattr(hf_attn, f"{w}_norm")) for w in "qk"} if families.of(model).qk_norm else {}
+    return _Layer(hook_free(block.ln1.original_component), hook_free(block.ln2.original_component),
+                  _mlp(hook_free(block.mlp.original_component)), head_weights(model, layer), scaling, norms)
 
 
 def _mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -113,6 +118,8 @@ class SparseCircuitRunner:
                  clean_inputs: list[torch.Tensor], lengths: torch.Tensor) -> None:
         self.model, self.graph, self.ablated = model, graph, ablated
         self.layers = [_layer(model, layer) for layer in range(graph.cfg.n_layers)]
+        self.ln_final = hook_free(model.ln_final.original_component)
+        self.unembedding = hook_free(model.unembed.original_component)
         device = ablated.device
         self.rows, self.last = torch.arange(ablated.shape[1], device=device), lengths.to(device) - 1
         real = torch.arange(ablated.shape[2], device=device)[None, :] <= self.last[:, None]  # [batch pos]
@@ -120,7 +127,7 @@ class SparseCircuitRunner:
         self.rotary = None  # cos, sin [pos d_head]
         if families.of(model).attention != "plain":
             positions = torch.arange(ablated.shape[2], device=device)[None]
-            self.rotary = tuple(t[0] for t in _rotary_embedding(model)(ablated[0, :1], positions))
+            self.rotary = tuple(t[0] for t in hook_free(_rotary_embedding(model))(ablated[0, :1], positions))
         self.input_restore = clean[0] - ablated[0]  # the input node's actual output is its clean one
         # X_v = c_v + Σ_{u < n} ā_u over the n sources v reads, with c_v = clean input − Σ_{u < n} clean_u: a
         # running sum in float32 or wider (no temporary the size of the cache), rounded once per input
@@ -187,7 +194,8 @@ class SparseCircuitRunner:
         return weights.mlp(weights.ln2(x.index_select(0, real)))
 
     def unembed(self, final: torch.Tensor) -> torch.Tensor:
-        return self.model.unembed.original_component(self.model.ln_final.original_component(final))
+        """The final norm and the unembedding (hook-free views) of ``final`` ``[... d_model]``."""
+        return self.unembedding(self.ln_final(final))
 
     def _store(self, rows: torch.Tensor, out: torch.Tensor, full: bool) -> None:
         """Keep the outputs ``out`` of source ``rows`` as actual − ablated."""

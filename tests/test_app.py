@@ -24,7 +24,7 @@ from eapcore.attribute import METHODS, AttributionSpec, attribute
 from eapcore.data import PromptPairs
 from eapcore.curve import faithfulness_curve
 from eapcore.evaluate import CircuitEvaluator
-from eapcore.models import ModelSpec, model_graph
+from eapcore.models import ModelSpec, model_graph, model_lock
 from eapcore.select import top_n
 from eapcore.tasks import TASKS
 
@@ -323,8 +323,9 @@ def test_sessions_share_one_model(setup) -> None:
 
 
 def test_concurrent_sessions_get_the_same_scores_as_alone(setup, engine) -> None:
-    """Two sessions attribute at once on the app's shared model (plus one evaluating circuits): each gets
-    exactly what it gets alone, because attribution and evaluation take the model's lock."""
+    """Two sessions attribute at once on the app's shared model while a third evaluates a circuit again and
+    again: each gets exactly what it gets alone. The attributions take turns at the model; the evaluations
+    (the sparse engine) need none and really run while an attribution holds the model."""
     from ui import cache
 
     _, data = engine
@@ -335,32 +336,41 @@ def test_concurrent_sessions_get_the_same_scores_as_alone(setup, engine) -> None
     model = cache.get_model(spec)
     alone = [attribute(model, cache.get_data(spec, p), a).edges for p, a in jobs]
     evaluator = CircuitEvaluator(model, data, "logit_diff", batch_size=5)
-    alone_eval = evaluator.evaluate(top_n(attribute(model, data, AttributionSpec("EAP")), 5))
+    circuit = top_n(attribute(model, data, AttributionSpec("EAP")), 5)
+    alone_eval = evaluator.evaluate(circuit)
 
     barrier = threading.Barrier(3)
     out: dict[int, torch.Tensor] = {}
+    evaluations: list[tuple[torch.Tensor, bool]] = []
     failures: list[BaseException] = []
+    done = threading.Event()
 
     def session(i: int) -> None:
         try:
             barrier.wait()
-            for _ in range(2):
-                if i < 2:
+            if i < 2:
+                for _ in range(2):
                     p, a = jobs[i]
                     cache.results().put(cache.attribution_key(spec, p, a), None)  # force a real run
                     scores, _, timing = cache.run_attribution(spec, p, a)
                     assert not timing.cached
                     out[i] = scores.edges
-                else:
-                    out[i] = evaluator.evaluate(top_n(attribute(model, data, AttributionSpec("EAP")), 5))
+                return
+            while not done.is_set():
+                before = model_lock(model).state()[0]
+                value = evaluator.evaluate(circuit)
+                evaluations.append((value, before and model_lock(model).state()[0]))
         except BaseException as e:  # noqa: BLE001
             failures.append(e)
 
     threads = [threading.Thread(target=session, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    for t in threads:
+    for t in threads[:2]:
         t.join(timeout=300)
+    done.set()
+    threads[2].join(timeout=60)
     assert not failures, failures
     assert torch.equal(out[0], alone[0]) and torch.equal(out[1], alone[1])
-    assert torch.equal(out[2], alone_eval)
+    assert all(torch.equal(value, alone_eval) for value, _ in evaluations)
+    assert any(during for _, during in evaluations), "no evaluation ran while an attribution held the model"

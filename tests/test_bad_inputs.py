@@ -27,6 +27,7 @@ from eapcore.data import MAX_CSV_BYTES, DataError, PromptPairs, tokenize
 from eapcore.export import load_circuit, save_json, save_pt
 from eapcore.graph import Graph, GraphConfig
 from eapcore.metrics import Metric
+from eapcore.roots import ENV_ROOTS, is_local
 from eapcore.select import top_n
 from ui.state import ENV_DATA, ENV_DEVICE, ENV_MODEL
 
@@ -157,10 +158,11 @@ def toy_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_env(tiny_dir: Path, toy_csv: Path):
-    """The app opens on the tiny model and the eight toy pairs."""
+def app_env(tiny_dir: Path, toy_csv: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The app opens on the tiny model and the eight toy pairs, and may load models from the tests' folders."""
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {ENV_MODEL: str(tiny_dir), ENV_DATA: str(toy_csv), ENV_DEVICE: "cpu"}.items():
+        for key, value in {ENV_MODEL: str(tiny_dir), ENV_DATA: str(toy_csv), ENV_DEVICE: "cpu",
+                           ENV_ROOTS: str(tmp_path_factory.getbasetemp())}.items():
             mp.setenv(key, value)
         yield
 
@@ -405,9 +407,12 @@ def test_model_name_cli(name: str, message: str, toy_csv: Path, tmp_path: Path, 
 
 @pytest.mark.parametrize("name, message", MODEL_CASES, ids=[n for n, _ in MODEL_CASES])
 def test_model_name_app(name: str, message: str, app_env) -> None:
+    """As on the command line, except that the app refuses any folder outside its allowed roots (tests/test_server.py)."""
     at, before = app_with_scores()
     at.switch_page("pages/model.py").run()
     at.text_input[0].set_value(name)
     at.button[0].click().run()
+    if is_local(name):
+        message = r"this server loads model folders only from its allowed roots, and " + re.escape(repr(name))
     assert one_error(at, message).startswith("Could not load the model: ")
     assert_kept(at, before)
