@@ -260,6 +260,43 @@ def test_hooked_evaluation_waits_its_turn(overlap_case) -> None:
     assert all(torch.equal(a, b) for a, b in zip(results[0], alone))
 
 
+def test_an_attribution_waits_its_turn_and_the_wait_can_be_cancelled(setup) -> None:
+    """The app's run while another session's run holds the model: it reports "position 1" until its
+    Cancel (here: the report raising, as Streamlit does) ends the wait; nothing is left queued or cached,
+    and the same run later starts at once and gives the engine's scores."""
+    from eapcore.data import PromptPairs
+    from ui import cache
+
+    spec, pairs, run = ModelSpec(setup[0], "cpu"), PromptPairs.from_csv(setup[1]), AttributionSpec("EAP", batch_size=7)
+    model = cache.get_model(spec)
+    cache.results().put(cache.attribution_key(spec, pairs, run), None)
+    seen, stopped = [], []
+
+    class Cancelled(BaseException):
+        """What Streamlit raises in the script thread when Cancel is clicked."""
+
+    def waiting(position: int) -> None:
+        seen.append(position)
+        if len(seen) == 3:
+            raise Cancelled
+
+    def session() -> None:
+        try:
+            cache.run_attribution(spec, pairs, run, waiting=waiting)
+        except Cancelled:
+            stopped.append(True)
+
+    with model_lock(model):  # another session's run
+        waiter = threading.Thread(target=session)
+        waiter.start()
+        waiter.join(30)
+    assert stopped == [True] and seen == [1, 1, 1]
+    assert model_lock(model).state() == (False, 0) and cache.cached_attribution(spec, pairs, run) is None
+    scores, _, timing = cache.run_attribution(spec, pairs, run, waiting=waiting)
+    assert len(seen) == 3 and not timing.cached
+    assert torch.equal(scores.edges, attribute(model, cache.get_data(spec, pairs), run).edges.cpu())
+
+
 # ----- what the app may read -----
 
 
@@ -370,3 +407,52 @@ def test_a_dropped_model_is_freed_and_one_copy_serves_auto_and_the_device(tmp_pa
     finally:
         gc.enable()
     assert [e.kind for _, e in cache.budget().entries()] == ["model"]  # its data and evaluator went too
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_auto_and_cuda_are_one_model_and_a_dropped_model_gives_its_memory_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ui import cache
+
+    path = save_tiny_gpt2(tmp_path / "gpu")
+    monkeypatch.setenv(ENV_ROOTS, str(tmp_path))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model = cache.get_model(ModelSpec(str(path), None))
+    for device in ("cuda", f"cuda:{torch.cuda.current_device()}"):
+        assert cache.get_model(ModelSpec(str(path), device)) is model
+    key = ("model", cache.canonical(ModelSpec(str(path), "cuda")))
+    assert key[1].device == f"cuda:{torch.cuda.current_device()}" and key[1] == cache.canonical(ModelSpec(str(path)))
+    assert dict(cache.budget().entries())[key].sizes[key[1].device] > 0
+    assert "PyTorch allocated" in cache.memory_in_use()[key[1].device]
+    assert torch.cuda.memory_allocated() > before
+    del model
+    cache.budget().discard(key)
+    assert torch.cuda.memory_allocated() == before
+
+
+# ----- the load benchmark -----
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_bench_server_drives_sessions_on_a_real_server(capsys: pytest.CaptureFixture[str]) -> None:
+    """A short run of benchmarks/bench_server.py (no timing asserted): the JSON record is printed last, every
+    phase timed some moves, and nothing went wrong."""
+    import json
+    import sys
+
+    from conftest import CHROMIUM, ROOT, demo_available, require
+
+    require(Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM}")
+    if not demo_available():
+        pytest.skip("the benchmark runs on the demo model")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_server
+
+    record = bench_server.main(["--sessions", "2", "--moves", "6", "--probe", "4", "--pairs", "16",
+                                "--busy-steps", "5", "--chromium", CHROMIUM])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(record))
+    assert {"sessions", "moves", "p50_idle_ms", "p95_idle_ms", "p95_busy_ms", "errors", "rss_growth_mib"} <= record.keys()
+    assert record["errors"] == 0, record["error_messages"]
+    assert record["sessions"] == 2 and record["moves"] == 6 and record["timed"]["idle"] > 0
