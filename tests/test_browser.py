@@ -189,7 +189,7 @@ def test_cancel_stops_attribution_and_a_second_run_completes(browser: Browser, s
     browser.assert_clean()
 
 
-def test_an_interrupted_attribution_leaves_the_shared_model_clean(tiny_dir: Path) -> None:
+def test_an_interrupted_attribution_leaves_the_shared_model_clean(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What Cancel does inside the server, without a browser: Streamlit stops the script by raising its
     RerunException from the progress bar update; the hooks are gone, the model lock is free, nothing is
     cached for the stopped run, and the same run afterwards gives the engine's scores exactly."""
@@ -198,6 +198,7 @@ def test_an_interrupted_attribution_leaves_the_shared_model_clean(tiny_dir: Path
 
     from ui import cache
 
+    monkeypatch.setenv("EAPCORE_MODEL_ROOTS", str(tiny_dir))  # a folder the app may load
     spec = ModelSpec(str(tiny_dir), "cpu", "float32")
     pairs = PromptPairs.from_frame(pd.DataFrame(TOY))
     run = AttributionSpec(ig_steps=20, batch_size=2)

@@ -41,6 +41,7 @@ from eapcore.shared import reporting
 from eapcore.sizes import fine_grid, sizes_for_percents
 from eapcore.tokens import UnknownWord, unknown_words
 from eapcore.vocabulary import tokenize_for
+from ui import background
 from ui.budget import Budget
 from ui.state import ENV_MODEL
 
@@ -235,18 +236,24 @@ def run_attribution(
     waiting: Callable[[int], None] | None = None,
 ) -> tuple[Scores, str, Timing]:
     """Scores for (model, data, spec): from the store when this run was done before, else computed when
-    the model's turn comes (``waiting(position)`` is called while other sessions' runs go first; raise
-    from it to stop waiting). ``Timing.seconds`` counts from the turn."""
+    the model's turn comes (``waiting(position)`` is called while other sessions' runs go first), in a
+    worker thread at a lower CPU priority than the sessions' slider moves (:mod:`ui.background`); raise
+    from ``progress`` or ``waiting`` to stop. ``Timing.seconds`` counts from the turn."""
     key = attribution_key(spec, pairs, attr)
     hit = results().get(key)
     if hit is not None:
         return hit, key, Timing(0.0, True)
     model, data = get_model(spec), get_data(spec, pairs)
-    with reporting(waiting) if waiting is not None else contextlib.nullcontext(), model_lock(model):
-        start = time.perf_counter()
-        scores = timed_attribute(model, data, attr, progress=progress).cpu()  # its speed refines estimates
+
+    def work(progress: Callable[[int, int], None], waiting: Callable[[int], None]) -> tuple[Scores, float]:
+        with reporting(waiting), model_lock(model):
+            start = time.perf_counter()
+            scores = timed_attribute(model, data, attr, progress=progress).cpu()  # its speed refines estimates
+            return scores, time.perf_counter() - start
+
+    scores, seconds = background.run(work, progress, waiting)
     results().put(key, scores)
-    return scores, key, Timing(time.perf_counter() - start, False)
+    return scores, key, Timing(seconds, False)
 
 
 def model_queue(spec: ModelSpec) -> tuple[bool, int]:
