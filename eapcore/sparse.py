@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from eapcore import families
-from eapcore.graph import QKV, Graph
+from eapcore.graph import Graph
 from eapcore.heads import HeadWeights, head_weights
 from eapcore.recording import Hook, record
 from eapcore.shared import hook_free

@@ -28,7 +28,7 @@ from eapcore.roots import ENV_ROOTS, ForbiddenPathError, allowed_roots, check_mo
 from eapcore.select import top_n
 from eapcore.shared import FairLock, hook_free, reporting
 
-from conftest import FAMILIES, assert_kept, hf_model, loaded, new_app, one_error, save_tiny_gpt2, save_with_tiny_tokenizer
+from conftest import FAMILIES, assert_kept, hf_model, loaded, one_error, save_tiny_gpt2, save_with_tiny_tokenizer
 
 
 # ----- fair turns -----

@@ -418,7 +418,8 @@ def kept() -> list[dict[str, Any]]:
 def memory_in_use() -> dict[str, str]:
     """Per device: what the cache keeps against its budget; on CUDA also what PyTorch has allocated and
     reserved there; on the CPU the process's resident memory."""
-    from eapcore.memory import human, rss_bytes
+    from eapcore.memory import human
+    from eapcore.rss import rss_bytes
 
     totals = _BUDGET.totals()
     devices = sorted({"cpu", *totals, *(f"cuda:{i}" for i in range(torch.cuda.device_count()))})
