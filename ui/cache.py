@@ -130,14 +130,14 @@ def get_evaluator(
     spec: ModelSpec, pairs: PromptPairs, metric: str, intervention: str = "patching", batch_size: int = EVAL_BATCH
 ) -> CircuitEvaluator:
     """The shared evaluator for (model, data, metric, intervention); what ablated sources carry is
-    computed when it is made (so that its size is known) and kept."""
+    computed on first use and kept (the budget measures it again when it is next used: :mod:`ui.budget`).
+    An intervention that cannot run on this data (mean-positional on prompts of several lengths) raises
+    when first used, as the engine's callers expect."""
     model, data = get_model(spec), get_data(spec, pairs)
     key = ("evaluator", canonical(spec), pairs.fingerprint(), metric, intervention, batch_size)
 
     def make() -> CircuitEvaluator:
-        evaluator = CircuitEvaluator(model, data, metric, batch_size, intervention=intervention)
-        evaluator.baseline()
-        return evaluator
+        return CircuitEvaluator(model, data, metric, batch_size, intervention=intervention)
 
     return _BUDGET.get_or_make(key, make, "evaluator", f"evaluator: {len(pairs)} pairs, {metric}, {intervention}",
                                [_model_key(spec), ("data", canonical(spec), pairs.fingerprint())])
