@@ -7,7 +7,7 @@ import streamlit as st
 import torch
 
 from eapcore.models import DTYPES, ModelSpec, model_graph
-from ui import cache, state, widgets
+from ui import budget, cache, state, widgets
 
 state.require_entry()
 s = st.session_state
@@ -64,11 +64,11 @@ with state.guard("Could not load the model"):
 
 with st.expander("Server memory: what is kept for all sessions", icon=":material/storage:"):
     with state.guard("Memory"):
-        for device, line in cache.memory_in_use().items():
+        for device, line in budget.memory_in_use().items():
             st.caption(f"**{device}**: {line}")
         if not torch.cuda.is_available():
             st.caption("No GPU on this server: models and caches are in host memory (no GPU memory in use).")
-        rows = cache.kept()
+        rows = budget.kept()
         st.dataframe(pd.DataFrame(rows, columns=["kind", "what", "size", "last used"]), hide_index=True, width="stretch")
         st.caption("Models, tokenized data, evaluators (their cached activations) and results are shared by every "
                    "session and dropped least recently used when a device passes its budget (a model's data and "

@@ -8,16 +8,21 @@ cached blocks go back to the device).
 
 Budgets: ``EAPCORE_CACHE_RAM`` for host memory and ``EAPCORE_CACHE_GPU`` for each GPU, as bytes with a
 unit (``12GiB``, ``500MB``) or a share of the device's memory (``40%``); by default half of each.
+
+The app's process has one :func:`budget`; a :class:`Store` is a small map of its entries (the result and
+check stores of :mod:`ui.cache`); :func:`kept` and :func:`memory_in_use` are what the Model page shows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
 import threading
 import time
 import types
+from collections import OrderedDict
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable, Hashable, Iterable
 
@@ -266,3 +271,80 @@ def _collect(dropped: list[Entry]) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ----- the app's process -----
+
+_PROCESS = Budget()
+
+
+def budget() -> Budget:
+    """Everything the app keeps for all sessions (one per process)."""
+    return _PROCESS
+
+
+class Store:
+    """A small thread-safe LRU dict shared by all sessions: at most ``size`` items, each an entry of the
+    budget (so it also goes when memory is short), labelled ``kind``."""
+
+    def __init__(self, size: int, kind: str = "store") -> None:
+        self.size, self.kind, self._keys, self._lock = size, kind, OrderedDict(), threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        value = _PROCESS.get((id(self), key))
+        with self._lock:
+            if value is None:
+                self._keys.pop(key, None)
+            elif key in self._keys:
+                self._keys.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> None:
+        _PROCESS.put((id(self), key), value, self.kind, f"{self.kind} {str(key)[:40]}")
+        with self._lock:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+            old = [self._keys.popitem(last=False)[0] for _ in range(len(self._keys) - self.size)]
+        for k in old:
+            _PROCESS.discard((id(self), k))
+
+    def __contains__(self, key: Any) -> bool:
+        return (id(self), key) in _PROCESS
+
+    def clear(self) -> None:
+        with self._lock:
+            old, self._keys = list(self._keys), OrderedDict()
+        for k in old:
+            _PROCESS.discard((id(self), k))
+
+
+def kept() -> list[dict[str, Any]]:
+    """What the server keeps for all sessions, most recently used first: kind, what, size per device, the
+    seconds since it was last used."""
+    from eapcore.memory import human
+
+    now = time.monotonic()
+    return [{"kind": e.kind, "what": e.label,
+             "size": ", ".join(f"{human(n)} on {d}" for d, n in sorted((e.sizes or {}).items())) or "0 B",
+             "bytes": e.nbytes, "last used": f"{now - e.used:.0f} s ago"} for _, e in _PROCESS.entries()]
+
+
+def memory_in_use() -> dict[str, str]:
+    """Per device: what the cache keeps against its budget; on CUDA also what PyTorch has allocated and
+    reserved there; on the CPU the process's resident memory."""
+    from eapcore.memory import human
+    from eapcore.rss import rss_bytes
+
+    totals = _PROCESS.totals()
+    devices = sorted({"cpu", *totals, *(f"cuda:{i}" for i in range(torch.cuda.device_count()))})
+    out = {}
+    for d in devices:
+        line = f"cache {human(totals.get(d, 0))} of {human(_PROCESS.limit(d))}"
+        if d.startswith("cuda"):
+            line += (f"; PyTorch allocated {human(torch.cuda.memory_allocated(d))}, reserved "
+                     f"{human(torch.cuda.memory_reserved(d))} of {human(torch.cuda.get_device_properties(d).total_memory)}")
+        else:
+            with contextlib.suppress(OSError):
+                line += f"; the server process uses {human(rss_bytes())}"
+        out[d] = line
+    return out

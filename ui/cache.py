@@ -17,7 +17,6 @@ import hashlib
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -42,18 +41,10 @@ from eapcore.sizes import fine_grid, sizes_for_percents
 from eapcore.tokens import UnknownWord, unknown_words
 from eapcore.vocabulary import tokenize_for
 from ui import background
-from ui.budget import Budget
+from ui.budget import Store, budget
 from ui.state import ENV_MODEL
 
 EVAL_BATCH = 128
-_BUDGET = Budget()
-
-
-def budget() -> Budget:
-    """Everything the app keeps for all sessions (one per process)."""
-    return _BUDGET
-
-
 def canonical(spec: ModelSpec) -> ModelSpec:
     """``spec`` with the device it resolves to (``auto`` is ``cuda:0`` on a GPU machine, ``cuda`` the current
     GPU) and a local folder's real path (``demo`` for the shipped model's): one key, one copy per device."""
@@ -103,7 +94,7 @@ def get_model(spec: ModelSpec) -> Any:
         _freeze_startup_heap()
         return load_model(spec)
 
-    return _BUDGET.get_or_make(key, make, "model", f"{spec.name} ({spec.device or spec.device_map}, {spec.dtype})")
+    return budget().get_or_make(key, make, "model", f"{spec.name} ({spec.device or spec.device_map}, {spec.dtype})")
 
 
 def _model_key(spec: ModelSpec) -> tuple:
@@ -114,7 +105,7 @@ def get_data(spec: ModelSpec, pairs: PromptPairs) -> TokenizedPairs:
     """``pairs`` tokenized for the model of ``spec``; raises ``DataError`` naming the bad row."""
     model = get_model(spec)
     key = ("data", canonical(spec), pairs.fingerprint())
-    return _BUDGET.get_or_make(key, lambda: tokenize_for(pairs, model), "data", f"{len(pairs)} pairs tokenized",
+    return budget().get_or_make(key, lambda: tokenize_for(pairs, model), "data", f"{len(pairs)} pairs tokenized",
                                [_model_key(spec)])
 
 
@@ -122,7 +113,7 @@ def get_unknown_words(spec: ModelSpec, pairs: PromptPairs) -> list[UnknownWord]:
     """Words of the prompts that the model's tokenizer turns into its unknown token (at most 20)."""
     model = get_model(spec)
     key = ("unknown", canonical(spec), pairs.fingerprint())
-    return _BUDGET.get_or_make(key, lambda: unknown_words(model.tokenizer, pairs), "unknown words",
+    return budget().get_or_make(key, lambda: unknown_words(model.tokenizer, pairs), "unknown words",
                                f"unknown words of {len(pairs)} pairs", [_model_key(spec)])
 
 
@@ -139,47 +130,12 @@ def get_evaluator(
     def make() -> CircuitEvaluator:
         return CircuitEvaluator(model, data, metric, batch_size, intervention=intervention)
 
-    return _BUDGET.get_or_make(key, make, "evaluator", f"evaluator: {len(pairs)} pairs, {metric}, {intervention}",
+    return budget().get_or_make(key, make, "evaluator", f"evaluator: {len(pairs)} pairs, {metric}, {intervention}",
                                [_model_key(spec), ("data", canonical(spec), pairs.fingerprint())])
 
 
 def intervention_of(scores: Scores) -> str:
     return str(scores.provenance.get("intervention", "patching"))
-
-
-class Store:
-    """A small thread-safe LRU dict shared by all sessions: at most ``size`` items, each an entry of the
-    budget (so it also goes when memory is short), labelled ``kind``."""
-
-    def __init__(self, size: int, kind: str = "store") -> None:
-        self.size, self.kind, self._keys, self._lock = size, kind, OrderedDict(), threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        value = _BUDGET.get((id(self), key))
-        with self._lock:
-            if value is None:
-                self._keys.pop(key, None)
-            elif key in self._keys:
-                self._keys.move_to_end(key)
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        _BUDGET.put((id(self), key), value, self.kind, f"{self.kind} {str(key)[:40]}")
-        with self._lock:
-            self._keys[key] = None
-            self._keys.move_to_end(key)
-            old = [self._keys.popitem(last=False)[0] for _ in range(len(self._keys) - self.size)]
-        for k in old:
-            _BUDGET.discard((id(self), k))
-
-    def __contains__(self, key: Any) -> bool:
-        return (id(self), key) in _BUDGET
-
-    def clear(self) -> None:
-        with self._lock:
-            old, self._keys = list(self._keys), OrderedDict()
-        for k in old:
-            _BUDGET.discard((id(self), k))
 
 
 @st.cache_resource(show_spinner=False)
@@ -402,35 +358,3 @@ def model_facts(spec: ModelSpec) -> dict[str, Any]:
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
-
-
-def kept() -> list[dict[str, Any]]:
-    """What the server keeps for all sessions, most recently used first: kind, what, size per device, the
-    seconds since it was last used."""
-    from eapcore.memory import human
-
-    now = time.monotonic()
-    return [{"kind": e.kind, "what": e.label,
-             "size": ", ".join(f"{human(n)} on {d}" for d, n in sorted((e.sizes or {}).items())) or "0 B",
-             "bytes": e.nbytes, "last used": f"{now - e.used:.0f} s ago"} for _, e in _BUDGET.entries()]
-
-
-def memory_in_use() -> dict[str, str]:
-    """Per device: what the cache keeps against its budget; on CUDA also what PyTorch has allocated and
-    reserved there; on the CPU the process's resident memory."""
-    from eapcore.memory import human
-    from eapcore.rss import rss_bytes
-
-    totals = _BUDGET.totals()
-    devices = sorted({"cpu", *totals, *(f"cuda:{i}" for i in range(torch.cuda.device_count()))})
-    out = {}
-    for d in devices:
-        line = f"cache {human(totals.get(d, 0))} of {human(_BUDGET.limit(d))}"
-        if d.startswith("cuda"):
-            line += (f"; PyTorch allocated {human(torch.cuda.memory_allocated(d))}, reserved "
-                     f"{human(torch.cuda.memory_reserved(d))} of {human(torch.cuda.get_device_properties(d).total_memory)}")
-        else:
-            with contextlib.suppress(OSError):
-                line += f"; the server process uses {human(rss_bytes())}"
-        out[d] = line
-    return out
