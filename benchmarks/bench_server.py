@@ -135,9 +135,9 @@ class Session:
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
         page = self.page
-        slider = page.get_by_role("slider").first
-        slider.focus()
         page.wait_for_function(IDLE, timeout=60_000)  # the page's previous run (graph, curve) has ended
+        slider = page.get_by_role("slider").first
+        slider.focus()  # after that run: a run that redraws the slider takes the focus away from it
         before, runs = self.faithfulness.inner_text().strip(), page.evaluate(WATCH)
         position = slider.input_value()
         for _ in range(2):
