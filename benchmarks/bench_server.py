@@ -39,27 +39,26 @@ from ui import server  # noqa: E402
 
 NUMBER = re.compile(r"^\s*-?\d+\.\d{4}\s*$")
 FLIP = 12  # moves in one direction before the slider turns back
-# Counts the page's finished script runs (installed once; returns the count so far).
-WATCH = """() => {
-  if (window.__runs === undefined) {
-    window.__runs = 0;
-    const app = document.querySelector('[data-testid="stApp"]');
-    new MutationObserver(() => {
-      if (app.getAttribute('data-test-script-state') === 'notRunning') window.__runs++;
-    }).observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
-  }
-  return window.__runs;
-}"""
 IDLE = """() => document.querySelector('[data-testid="stApp"]').getAttribute('data-test-script-state') === 'notRunning'"""
-# "changed" once the faithfulness differs from ``before``, "done" once a script run ended without that.
-ANSWERED = """([before, runs]) => {
+# True once the faithfulness on the page shows a number other than ``before``.
+CHANGED = """(before) => {
   const metric = [...document.querySelectorAll('[data-testid="stMetric"]')].find(m => m.innerText.includes('Faithfulness'));
   const value = metric && metric.querySelector('[data-testid="stMetricValue"]');
   const text = value ? value.innerText.trim() : null;
-  if (text && text !== before && /^-?\\d+\\.\\d{4}$/.test(text)) return 'changed';
-  return window.__runs > runs ? 'done' : false;
+  return Boolean(text && text !== before && /^-?\\d+\\.\\d{4}$/.test(text));
 }"""
 TIMEOUT_MS = 180_000
+ANSWER_S = 60  # a move not answered within this is an error
+# What a page shows when a move went unanswered: its script state, the slider's value and focus,
+# Streamlit's connection status (if shown) and the page's path.
+STATE = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  const slider = document.querySelector('[data-testid="stSlider"] input[type="range"]');
+  const status = document.querySelector('[data-testid="stStatusWidget"]');
+  return {script: app && app.getAttribute('data-test-script-state'), slider: slider && slider.value,
+          focused: document.activeElement === slider,
+          status: status ? status.innerText.trim().slice(0, 80) : null, path: location.pathname};
+}"""
 
 
 def rss_mib(pid: int) -> float:
@@ -80,17 +79,45 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class Session:
-    """One browser session on the app and the slider moves made on it."""
+    """One browser session on the app and the slider moves made on it.
 
-    def __init__(self, browser: Any, url: str, errors: list[str]) -> None:
+    A move is answered when the page shows a new faithfulness, or when the server says the script run
+    that the move asked for has finished (``script_finished`` on the page's websocket after the page sent
+    ``rerun_script``): the page's own script state can go from one finished run to the next without a
+    change that the page would show, when the browser draws both messages at once."""
+
+    def __init__(self, browser: Any, url: str, errors: list[str], number: int) -> None:
         from playwright.sync_api import expect
 
+        self.number = number
         self.page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
-        self.errors, self.moves = errors, 0
+        self.errors, self.moves, self.pressed = errors, 0, {}
+        self.reruns = self.finished = self.finished_at_rerun = 0  # messages on the page's websocket
         self.page.on("pageerror", lambda e: errors.append(f"javascript: {e}"))
+        self.page.on("websocket", self._watch)
         self.page.goto(url)
         expect(self.page.get_by_text("Data ready")).to_be_visible()
+
+    def _watch(self, ws: Any) -> None:
+        """Count the reruns the page asks for and the script runs the server finishes."""
+        from streamlit.proto.BackMsg_pb2 import BackMsg
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        def sent(payload: bytes | str) -> None:
+            if isinstance(payload, bytes) and BackMsg.FromString(payload).WhichOneof("type") == "rerun_script":
+                self.reruns += 1
+                self.finished_at_rerun = self.finished
+
+        def received(payload: bytes | str) -> None:
+            if isinstance(payload, bytes):
+                msg = ForwardMsg.FromString(payload)
+                if msg.WhichOneof("type") == "script_finished" and msg.script_finished == ForwardMsg.FINISHED_SUCCESSFULLY:
+                    self.finished += 1
+
+        if ws.url.endswith("/_stcore/stream"):
+            ws.on("framesent", sent)
+            ws.on("framereceived", received)
 
     @property
     def faithfulness(self) -> Any:
@@ -138,7 +165,7 @@ class Session:
         page.wait_for_function(IDLE, timeout=60_000)  # the page's previous run (graph, curve) has ended
         slider = page.get_by_role("slider").first
         slider.focus()  # after that run: a run that redraws the slider takes the focus away from it
-        before, runs = self.faithfulness.inner_text().strip(), page.evaluate(WATCH)
+        before, reruns = self.faithfulness.inner_text().strip(), self.reruns
         position = slider.input_value()
         for _ in range(2):
             key = "ArrowRight" if (self.moves // FLIP) % 2 == 0 else "ArrowLeft"
@@ -148,10 +175,21 @@ class Session:
             if slider.input_value() != position:
                 break
             self.moves = (self.moves // FLIP + 1) * FLIP  # at an end: turn back
-        outcome = page.wait_for_function(ANSWERED, arg=[before, runs], timeout=60_000, polling=5).json_value()
-        if outcome == "done":  # the run ended; the page may still be drawing the new number
+        self.pressed = {"key": key, "slider": [position, slider.input_value()]}
+        outcome = None
+        while outcome is None:
+            try:  # in slices, so that the websocket's messages are taken in between
+                page.wait_for_function(CHANGED, arg=before, timeout=100, polling=5)
+                outcome = "changed"
+            except PlaywrightTimeout:
+                if self.reruns > reruns and self.finished > self.finished_at_rerun:
+                    outcome = "done"  # the run ended; the page may still be drawing the new number
+                elif time.perf_counter() - start > ANSWER_S:
+                    sent = "sent" if self.reruns > reruns else "never sent"
+                    raise TimeoutError(f"no answer within {ANSWER_S} s (the page's rerun request: {sent})") from None
+        if outcome == "done":
             try:
-                page.wait_for_function(ANSWERED, arg=[before, 1 << 30], timeout=1_500, polling=5)
+                page.wait_for_function(CHANGED, arg=before, timeout=1_500, polling=5)
                 outcome = "changed"
             except PlaywrightTimeout:
                 pass
@@ -165,20 +203,39 @@ class Session:
             for text in self.page.get_by_test_id(test_id).all_inner_texts():
                 self.errors.append(f"{test_id}: {text.strip()[:300]}")
 
-
-def moves_over(sessions: list[Session], n: int, settle_ms: int, errors: list[str], until: Any = None) -> list[float]:
-    """``n`` moves round robin over ``sessions`` (stopping early when ``until()`` is true); the timed ones."""
-    times = []
-    for i in range(n):
-        if until is not None and until():
-            break
+    def state(self) -> dict[str, Any]:
+        """What the page shows now (:data:`STATE`) and the last key press (its key, the slider before and
+        after it), for an error message."""
         try:
-            t = sessions[i % len(sessions)].move(settle_ms)
+            return {**self.page.evaluate(STATE), "pressed": self.pressed}
+        except Exception as e:  # noqa: BLE001 - a page that cannot say is itself the finding
+            return {"unreadable": f"{type(e).__name__}: {str(e)[:100]}"}
+
+
+def say(message: str) -> None:
+    """Progress on stderr (stdout ends with the JSON record)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def moves_over(phase: str, sessions: list[Session], n: int, args: argparse.Namespace, errors: list[str],
+               until: Any = None) -> list[float]:
+    """``n`` moves round robin over ``sessions`` (stopping early when ``until()`` is true, or once the run
+    has ``args.max_errors`` errors); the timed ones."""
+    times, start = [], time.perf_counter()
+    for i in range(n):
+        if (until is not None and until()) or len(errors) >= args.max_errors:
+            break
+        session = sessions[i % len(sessions)]
+        try:
+            t = session.move(args.settle_ms)
         except Exception as e:  # noqa: BLE001 - a page that does not answer is an error, and the run goes on
-            errors.append(f"move {i}: {type(e).__name__}: {str(e)[:200]}")
+            errors.append(f"{phase} move {i} (session {session.number}): {type(e).__name__}: {str(e)[:160]} "
+                          f"page: {session.state()}")
+            say(errors[-1])
             continue
         if t is not None:
             times.append(t)
+    say(f"{phase}: {i + 1} moves, {len(times)} timed, in {time.perf_counter() - start:.0f} s; {len(errors)} errors so far")
     return times
 
 
@@ -189,21 +246,23 @@ def drive(url: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox", "--disable-gpu"])
-        sessions = [Session(browser, url, errors) for _ in range(args.sessions)]
+        sessions = [Session(browser, url, errors, i + 1) for i in range(args.sessions)]
         for s in sessions:
             s.attribute()  # the first computes the default run, the others find it cached
             s.explore()
-        idle = moves_over(sessions, args.probe, args.settle_ms, errors)
+        say(f"{len(sessions)} sessions on Explore")
+        idle = moves_over("idle", sessions, args.probe, args, errors)
         worker, others = sessions[0], sessions[1:]
         start = time.perf_counter()
         worker.attribute(args.busy_steps)
-        busy = moves_over(others, args.probe, args.settle_ms, errors, until=worker.done)
+        busy = moves_over("busy", others, args.probe, args, errors, until=worker.done)
         worker.explore()
         attribution_s = time.perf_counter() - start
+        say(f"session 1's attribution done in {attribution_s:.0f} s")
         for s in sessions:
             s.check()
         rss_before = rss_mib(pid)
-        soak = moves_over(sessions, args.moves, args.settle_ms, errors)
+        soak = moves_over("soak", sessions, args.moves, args, errors)
         rss_after = rss_mib(pid)
         for s in sessions:
             s.check()
@@ -221,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=256, help="the first PAIRS pairs of the IOI task")
     p.add_argument("--model", default="demo", help="what the app loads: 'demo', a hub name or a local folder")
     p.add_argument("--settle-ms", type=int, default=150, help="pause after each move before the next key press")
+    p.add_argument("--max-errors", type=int, default=10, help="stop moving once the run has this many errors")
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     return p
 
