@@ -311,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rss_growth_mib": round(run["rss_after"] - run["rss_before"], 1),
         "p50_busy_ms": ms(percentile(run["busy"], 0.5)), "p95_soak_ms": ms(percentile(run["soak"], 0.95)),
         "timed": {"idle": len(run["idle"]), "busy": len(run["busy"]), "soak": len(run["soak"])},
+        "idle_ms": [ms(t) for t in run["idle"]], "busy_ms": [ms(t) for t in run["busy"]],
         "busy_attribution_s": round(run["attribution_s"], 1), "rss_mib": [round(run["rss_before"]), round(run["rss_after"])],
         "model": args.model, "pairs": args.pairs, "machine": common.machine("cpu"), "error_messages": errors[:10],
     }

@@ -457,9 +457,9 @@ def test_bench_server_drives_sessions_on_a_real_server(capsys: pytest.CaptureFix
                                 "--busy-steps", "5", "--chromium", CHROMIUM])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(record))
     assert {"sessions", "moves", "p50_idle_ms", "p95_idle_ms", "p95_busy_ms", "errors", "rss_growth_mib"} <= record.keys()
-    # Server exceptions, error boxes, JavaScript errors and tracebacks fail the test; a move whose key press got
-    # no answer within the harness's 60 s is the benchmark's to count (headless Chromium drops an input now and
-    # then under load: the errors bar of benchmarks/README.md, "Shared server").
+    # Server exceptions, error boxes, JavaScript errors and tracebacks fail the test; one move whose key press got
+    # no answer within the harness's 60 s is left to the benchmark's count (seen under the full suite's load, its
+    # cause not established: benchmarks/README.md, "Shared server").
     unanswered = [m for m in record["error_messages"] if re.match(r"\w+ move \d+ \(session \d+\): TimeoutError", m)]
     assert record["errors"] == len(unanswered) <= 1, record["error_messages"]
     assert record["sessions"] == 2 and record["moves"] == 6 and record["timed"]["idle"] > 0
