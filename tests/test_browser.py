@@ -2,7 +2,8 @@
 Debian's headless Chromium (no browser download). Loads the default model, runs the attribution, moves
 the slider with the keyboard, waits for the faithfulness to change and for the pyvis canvas, downloads
 every export and checks each file, and saves screenshots (to $EAPCORE_SCREENSHOTS or a temporary
-folder). Other tests cancel a long attribution with the Cancel button and then run one to the end; type
+folder). Other tests cancel a long attribution with the Cancel button and then run one to the end; have a
+second session wait for the model behind another's run, leave the queue and read the server's memory; type
 quickly into the pairs editor; check the graph on a phone-sized screen and in the dark theme; and
 check, without a browser, what an interruption leaves behind on the shared model.
 
@@ -187,6 +188,48 @@ def test_cancel_stops_attribution_and_a_second_run_completes(browser: Browser, s
     run_to_the_end(page, 3)
     expect(page.get_by_text("Attribution cancelled")).to_have_count(0)
     browser.assert_clean()
+
+
+def test_a_second_session_waits_its_turn_and_sees_what_the_server_keeps(chromium, shots: Path) -> None:
+    """Two sessions on one server. While the first runs a long attribution, the second's Attribute page says
+    the model is busy; its own run waits with "Waiting for the model: position 1" and Cancel leaves the
+    queue (its earlier scores kept). Once the first is cancelled too, the second's next run finishes, and
+    its Model page lists the shared model and results with their sizes."""
+    first, second = chromium(), chromium()
+    for b in (first, second):
+        b.page.get_by_role("link", name="Attribute").first.click()
+        b.page.get_by_text("Open Explore when done").click()  # stay on this page
+    run_to_the_end(second.page, 2)
+
+    set_run_size(first.page, 200, 1)
+    first.page.get_by_role("button", name="Run attribution").click()
+    expect(first.page.get_by_text(re.compile(r"^\d+/\d+ passes · "))).to_be_visible()  # it holds the model
+
+    page = second.page
+    set_run_size(page, 3, 64)  # each change redraws the page, which now finds the model busy
+    expect(page.get_by_text(re.compile(r"^The model is busy with another session's run"))).to_be_visible()
+    page.get_by_role("button", name="Run attribution").click()
+    expect(page.get_by_text("Waiting for the model: position 1 (other sessions' runs go first)")).to_be_visible()
+    page.screenshot(path=shots / "8_waiting_for_the_model.png")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_text("Attribution cancelled; the previous scores are kept.")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^EAP-IG-inputs \(2 steps\), logit_diff"))).to_be_visible()
+
+    first.page.get_by_role("button", name="Cancel").click()
+    expect(first.page.get_by_text("Attribution cancelled; no scores were changed.")).to_be_visible()
+    run_to_the_end(page, 3)  # the queue is empty again: this run gets the model
+
+    page.get_by_role("link", name="Model").first.click()
+    page.get_by_text("Server memory: what is kept for all sessions").click()
+    expect(page.get_by_text(re.compile(r"^cpu: cache \S+ \S+ of \S+ \S+; the server process uses"))).to_be_visible()
+    table = page.get_by_test_id("stDataFrame")
+    expect(table).to_be_visible()
+    expect(table.locator("th")).to_have_text(["kind", "what", "size", "last used"])
+    for kind in ("model", "data", "result"):  # the grid's accessible table holds the cells' text
+        expect(table.locator("td").filter(has_text=re.compile(rf"^{kind}$")).first).to_be_attached()
+    page.screenshot(path=shots / "9_server_memory.png")
+    first.assert_clean()
+    second.assert_clean()
 
 
 def test_an_interrupted_attribution_leaves_the_shared_model_clean(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
