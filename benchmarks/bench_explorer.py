@@ -143,12 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    from eapcore.tasks import get_task
-
     with tempfile.TemporaryDirectory() as tmp:
-        lines = get_task("ioi").csv.read_text().splitlines(keepends=True)  # one pair per line (no quoted newlines)
-        csv = Path(tmp) / "ioi_first.csv"
-        csv.write_text("".join(lines[: args.pairs + 1]))
+        csv = common.first_ioi_pairs(args.pairs, Path(tmp))
         env = {"EAPCORE_APP_MODEL": args.model, "EAPCORE_APP_DATA": str(csv)}
         with server.running(env, Path(tmp) / "streamlit.log") as url:
             to_graph, moves, picked, edited = drive(url, args.chromium, args.moves, args.settle_ms, args.picks, args.edits)

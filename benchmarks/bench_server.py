@@ -289,12 +289,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.sessions < 2:
         raise SystemExit("--sessions must be at least 2: one attributes while the others move")
-    from eapcore.tasks import get_task
-
     with tempfile.TemporaryDirectory() as tmp:
-        lines = get_task("ioi").csv.read_text().splitlines(keepends=True)  # one pair per line (no quoted newlines)
-        csv = Path(tmp) / "ioi_first.csv"
-        csv.write_text("".join(lines[: args.pairs + 1]))
+        csv = common.first_ioi_pairs(args.pairs, Path(tmp))
         log = Path(tmp) / "streamlit.log"
         proc, url = server.start({"EAPCORE_APP_MODEL": args.model, "EAPCORE_APP_DATA": str(csv)}, log)
         try:

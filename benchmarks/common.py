@@ -136,6 +136,16 @@ def load_data(spec: str, bridge: Any, n: int, length: int, seed: int = 0) -> tup
     return csv_pairs(path, bridge, n), metric
 
 
+def first_ioi_pairs(n: int, folder: Path) -> Path:
+    """A CSV in ``folder`` of the IOI task's first ``n`` pairs (for the app, which reads its data from a file)."""
+    from eapcore.tasks import get_task
+
+    lines = get_task("ioi").csv.read_text().splitlines(keepends=True)  # one pair per line (no quoted newlines)
+    csv = Path(folder) / "ioi_first.csv"
+    csv.write_text("".join(lines[: n + 1]))
+    return csv
+
+
 # ----------------------------------------------------------------------------- timing
 def parser(doc: str, model: str, data: str, n: int, batch_size: int) -> Any:
     """An argument parser with the model and data arguments every benchmark takes, with these defaults."""
