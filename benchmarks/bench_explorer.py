@@ -15,7 +15,6 @@ the edited circuit's evaluation on the page. Needs Playwright and a Chromium
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import sys
@@ -131,13 +130,11 @@ def drive(url: str, chromium: str, moves: int, settle_ms: int, n_picks: int = 0,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", help="what the app loads: 'demo', a hub name or a local folder")
-    p.add_argument("--pairs", type=int, default=128, help="the first PAIRS pairs of the IOI task")
     p.add_argument("--moves", type=int, default=10, help="slider moves (arrow key presses) to time")
     p.add_argument("--settle-ms", type=int, default=1000, help="pause after each move before the next key press")
     p.add_argument("--picks", type=int, default=8, help="nodes picked for the drill-down (timed)")
     p.add_argument("--edits", type=int, default=4, help="hand edits (timed)")
-    p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+    common.add_app_arguments(p, pairs=128)
     return p
 
 

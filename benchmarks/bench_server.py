@@ -22,7 +22,6 @@ before it), with the counts behind them. Needs Playwright and a Chromium (``--ch
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import sys
@@ -277,11 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moves", type=int, default=500, help="slider moves of the soak")
     p.add_argument("--probe", type=int, default=60, help="timed moves while idle, and at most as many while busy")
     p.add_argument("--busy-steps", type=int, default=40, help="IG steps of the attribution that runs during the busy moves")
-    p.add_argument("--pairs", type=int, default=256, help="the first PAIRS pairs of the IOI task")
-    p.add_argument("--model", default="demo", help="what the app loads: 'demo', a hub name or a local folder")
     p.add_argument("--settle-ms", type=int, default=150, help="pause after each move before the next key press")
     p.add_argument("--max-errors", type=int, default=10, help="stop moving once the run has this many errors")
-    p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+    common.add_app_arguments(p, pairs=256)
     return p
 
 

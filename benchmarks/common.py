@@ -136,6 +136,13 @@ def load_data(spec: str, bridge: Any, n: int, length: int, seed: int = 0) -> tup
     return csv_pairs(path, bridge, n), metric
 
 
+def add_app_arguments(p: Any, pairs: int) -> None:
+    """The options of a benchmark that drives the app in Chromium: ``--model``, ``--pairs``, ``--chromium``."""
+    p.add_argument("--model", default="demo", help="what the app loads: 'demo', a hub name or a local folder")
+    p.add_argument("--pairs", type=int, default=pairs, help="the first PAIRS pairs of the IOI task")
+    p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+
+
 def first_ioi_pairs(n: int, folder: Path) -> Path:
     """A CSV in ``folder`` of the IOI task's first ``n`` pairs (for the app, which reads its data from a file)."""
     from eapcore.tasks import get_task
