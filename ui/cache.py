@@ -97,24 +97,26 @@ def get_model(spec: ModelSpec) -> Any:
     return budget().get_or_make(key, make, "model", f"{spec.name} ({spec.device or spec.device_map}, {spec.dtype})")
 
 
-def _model_key(spec: ModelSpec) -> tuple:
-    return ("model", canonical(spec))
+def _keys(spec: ModelSpec, pairs: PromptPairs) -> tuple[tuple, tuple]:
+    """The budget's keys of the model of ``spec`` and of ``pairs`` tokenized for it."""
+    spec = canonical(spec)
+    return ("model", spec), ("data", spec, pairs.fingerprint())
 
 
 def get_data(spec: ModelSpec, pairs: PromptPairs) -> TokenizedPairs:
     """``pairs`` tokenized for the model of ``spec``; raises ``DataError`` naming the bad row."""
     model = get_model(spec)
-    key = ("data", canonical(spec), pairs.fingerprint())
-    return budget().get_or_make(key, lambda: tokenize_for(pairs, model), "data", f"{len(pairs)} pairs tokenized",
-                               [_model_key(spec)])
+    model_key, data_key = _keys(spec, pairs)
+    return budget().get_or_make(data_key, lambda: tokenize_for(pairs, model), "data", f"{len(pairs)} pairs tokenized",
+                               [model_key])
 
 
 def get_unknown_words(spec: ModelSpec, pairs: PromptPairs) -> list[UnknownWord]:
     """Words of the prompts that the model's tokenizer turns into its unknown token (at most 20)."""
     model = get_model(spec)
-    key = ("unknown", canonical(spec), pairs.fingerprint())
-    return budget().get_or_make(key, lambda: unknown_words(model.tokenizer, pairs), "unknown words",
-                               f"unknown words of {len(pairs)} pairs", [_model_key(spec)])
+    model_key, data_key = _keys(spec, pairs)
+    return budget().get_or_make(("unknown", data_key), lambda: unknown_words(model.tokenizer, pairs), "unknown words",
+                               f"unknown words of {len(pairs)} pairs", [model_key])
 
 
 def get_evaluator(
@@ -125,13 +127,14 @@ def get_evaluator(
     An intervention that cannot run on this data (mean-positional on prompts of several lengths) raises
     when first used, as the engine's callers expect."""
     model, data = get_model(spec), get_data(spec, pairs)
-    key = ("evaluator", canonical(spec), pairs.fingerprint(), metric, intervention, batch_size)
+    model_key, data_key = _keys(spec, pairs)
+    key = ("evaluator", data_key, metric, intervention, batch_size)
 
     def make() -> CircuitEvaluator:
         return CircuitEvaluator(model, data, metric, batch_size, intervention=intervention)
 
     return budget().get_or_make(key, make, "evaluator", f"evaluator: {len(pairs)} pairs, {metric}, {intervention}",
-                               [_model_key(spec), ("data", canonical(spec), pairs.fingerprint())])
+                               [model_key, data_key])
 
 
 def intervention_of(scores: Scores) -> str:
